@@ -1,0 +1,3 @@
+from cope_local.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""CoPe decoding: an expert and an amateur context over ONE model, in lockstep.
+
+    amateur = base (+ TAM adapter)            the task model without the user
+    expert  = base (+ TAM) + user adapter     the personalised model
+
+At each step the token is chosen within the expert's head set by the user's
+implicit reward log p_user - alpha * log p_amateur (see rule.py).
+
+Fast path (`lazy_amateur`): when the head set has one token the amateur cannot
+change the choice, so it is not evaluated; the tokens it missed are fed to it
+in ONE batched decode the next time its logits matter. Prompt-style batches
+cost far less per token than single steps, and the chosen tokens are the
+naive lockstep ones (exactly so on f32/f16 bases; a quantized base may round
+differently in batched kernels).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from cope_local.decode import rule
+from cope_local.decode.detok import StreamDetokenizer
+from cope_local.decode.llama import Context, Model
+from cope_local.decode.prompt import Message, render_chat, with_bos
+from cope_local.errors import CopeError
+from cope_local.gguf_file import check_adapter, check_model
+from cope_local.models import resolve_model
+
+MODES = ("cope", "user", "base")
+
+
+@dataclass
+class GenConfig:
+    mode: str | None = None  # "cope" | "user" | "base"; None: cope with a user adapter, else base
+    alpha: float = 0.3  # contrast strength; the paper uses 0.1-0.7, tasks set their own
+    tau: float = 0.1  # head set: tokens with p_user >= tau * max p_user (the paper's 0.1)
+    max_tokens: int = 256  # new tokens at most
+    temperature: float = 0.0  # 0 = greedy, the paper's setting; > 0 samples (seeded)
+    top_p: float = 0.95  # nucleus mass when sampling
+    seed: int = 0  # sampling seed: same seed, same text
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
+    lazy_amateur: bool = True  # fast path; False is the naive lockstep reference
+    ignore_eos: bool = False  # benchmarks only: always run to max_tokens
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    n_prompt: int
+    stop_reason: str  # "eos" | "stop" | "length" | "context"
+    mode: str
+    steps: int = 0  # tokens chosen
+    amateur_evals: int = 0  # amateur decode calls after the prompt (cope mode)
+    head_sizes: list[int] = field(default_factory=list, repr=False)  # |V_head| per step (cope mode)
+
+
+class Decoder:
+    """Load once, draft many times. Not thread-safe: one generation at a time."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        adapter: str | os.PathLike | None = None,
+        *,
+        tam: str | os.PathLike | None = None,
+        adapter_scale: float = 1.0,
+        tam_scale: float = 1.0,
+        n_ctx: int = 2048,
+        threads: int | None = None,
+        gpu_layers: int | None = None,
+        force: bool = False,
+    ):
+        self.base_path = resolve_model(model)
+        self.base_info = check_model(self.base_path)
+        self.adapter_path = Path(adapter) if adapter else None
+        self.tam_path = Path(tam) if tam else None
+        for path in (self.tam_path, self.adapter_path):
+            if path is not None:
+                check_adapter(path, self.base_info)
+                from cope_local.binding import check_binding
+
+                check_binding(path, self.base_path, force=force)
+        self.model = Model(self.base_path, gpu_layers)
+        tam_set = [(self.model.load_adapter(self.tam_path), tam_scale)] if self.tam_path else []
+        user_set = [(self.model.load_adapter(self.adapter_path), adapter_scale)] if self.adapter_path else []
+        self._adapter_sets = {"amateur": tam_set, "expert": tam_set + user_set}
+        self.n_ctx = min(n_ctx, self.model.n_ctx_train) if self.model.n_ctx_train > 0 else n_ctx
+        self.threads = threads
+        self._contexts: dict[str, Context] = {}
+        self.chat_template = self.model.chat_template()
+
+    # -- contexts are made on first use: a single-mode draft holds one KV cache only --------
+    def context(self, role: str) -> Context:
+        ctx = self._contexts.get(role)
+        if ctx is None:
+            ctx = Context(self.model, self.n_ctx, self.threads)
+            ctx.set_adapters(self._adapter_sets[role])
+            self._contexts[role] = ctx
+        return ctx
+
+    @property
+    def has_user_adapter(self) -> bool:
+        return self.adapter_path is not None
+
+    # -- prompts -----------------------------------------------------------------------------
+    def render(self, messages: list[Message]) -> str:
+        bos = self.model.piece(self.model.bos_id, special=True).decode("utf-8", "replace") if self.model.bos_id >= 0 else ""
+        eos = self.model.piece(self.model.eos_id, special=True).decode("utf-8", "replace") if self.model.eos_id >= 0 else ""
+        return render_chat(messages, self.chat_template, bos_token=bos, eos_token=eos, add_bos=self.model.add_bos)
+
+    def prompt_ids(self, prompt: str | list[Message] | list[int], *, chat: bool = True) -> list[int]:
+        """A user text (wrapped as one user message), a message list, or ids -> ids with BOS as the model wants."""
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+            return list(prompt)
+        if isinstance(prompt, str):
+            text = self.render([{"role": "user", "content": prompt}]) if chat else prompt
+        else:
+            text = self.render(prompt)
+        return with_bos(self.model.tokenize(text), self.model.bos_id, self.model.add_bos)
+
+    # -- generation --------------------------------------------------------------------------
+    def resolve_mode(self, mode: str | None) -> str:
+        mode = mode or ("cope" if self.has_user_adapter else "base")
+        if mode not in MODES:
+            raise CopeError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode in ("cope", "user") and not self.has_user_adapter:
+            raise CopeError(f"mode {mode!r} needs a user adapter; give --profile or --adapter, or use --mode base")
+        return mode
+
+    def stream(self, prompt, cfg: GenConfig | None = None) -> Iterator[str]:
+        """Yield text pieces as they are decided; returns the Generation (StopIteration.value)."""
+        cfg = cfg or GenConfig()
+        ids = self.prompt_ids(prompt)
+        mode = self.resolve_mode(cfg.mode)
+        detok = StreamDetokenizer(cfg.stop)
+        gen = Generation(text="", tokens=[], n_prompt=len(ids), stop_reason="length", mode=mode)
+        for tok in self._tokens(ids, cfg, mode, gen):
+            gen.tokens.append(tok)
+            piece = detok.feed(self.model.piece(tok))
+            if piece:
+                yield piece
+            if detok.stopped:
+                gen.stop_reason = "stop"
+                break
+        tail = detok.flush()
+        if tail:
+            yield tail
+        gen.text = detok.text
+        return gen
+
+    def generate(self, prompt, cfg: GenConfig | None = None, on_text=None) -> Generation:
+        it = self.stream(prompt, cfg)
+        while True:
+            try:
+                piece = next(it)
+            except StopIteration as done:
+                return done.value
+            if on_text is not None:
+                on_text(piece)
+
+    def _tokens(self, ids: list[int], cfg: GenConfig, mode: str, gen: Generation) -> Iterator[int]:
+        if len(ids) + 1 > self.n_ctx:
+            raise CopeError(f"prompt is {len(ids)} tokens but the context holds {self.n_ctx}; shorten the prompt or raise --ctx")
+        rng = np.random.default_rng(cfg.seed)
+        eog = frozenset() if cfg.ignore_eos else self.model.eog_ids
+        if mode == "cope":
+            steps = self._cope_steps(ids, cfg, rng, gen)
+        else:
+            steps = self._single_steps(self.context("expert" if mode == "user" else "amateur"), ids, cfg, rng)
+        budget = min(cfg.max_tokens, self.n_ctx - len(ids))
+        while gen.steps < budget:  # never asks for a token past the budget: no wasted decode
+            tok = next(steps)
+            if tok in eog:
+                gen.stop_reason = "eos"
+                return
+            gen.steps += 1
+            yield tok
+        gen.stop_reason = "length" if budget == cfg.max_tokens else "context"
+
+    def _single_steps(self, ctx: Context, ids: list[int], cfg: GenConfig, rng) -> Iterator[int]:
+        ctx.reset()
+        logits = ctx.eval(ids)
+        while True:
+            if cfg.temperature > 0:
+                tok = rule.sample_top_p(logits, cfg.temperature, cfg.top_p, rng)
+            else:
+                tok = int(np.argmax(logits))
+            yield tok
+            logits = ctx.eval([tok])
+
+    def _cope_steps(self, ids: list[int], cfg: GenConfig, rng, gen: Generation) -> Iterator[int]:
+        expert, amateur = self.context("expert"), self.context("amateur")
+        expert.reset()
+        amateur.reset()
+        user_logits = expert.eval(ids)
+        pending = list(ids)  # tokens the amateur has not seen yet
+        amateur_logits = None
+        if not cfg.lazy_amateur:
+            amateur_logits, pending = amateur.eval(pending), []
+        while True:
+            head = rule.head_set(user_logits, cfg.tau)
+            gen.head_sizes.append(len(head))
+            if len(head) == 1:
+                tok = int(head[0])  # the amateur cannot change a one-token head set
+            else:
+                if pending:
+                    amateur_logits, pending = amateur.eval(pending), []
+                    gen.amateur_evals += 1
+                scores = rule.cope_scores(user_logits, amateur_logits, head, cfg.alpha)
+                if cfg.temperature > 0:
+                    tok = int(head[rule.sample_top_p(scores, cfg.temperature, cfg.top_p, rng)])
+                else:
+                    tok = rule.greedy(head, scores)
+            yield tok
+            user_logits = expert.eval([tok])
+            if cfg.lazy_amateur:
+                pending.append(tok)
+            else:
+                amateur_logits = amateur.eval([tok])
+                gen.amateur_evals += 1
+
+    # -- scoring (synthetic negatives) -----------------------------------------------------
+    def token_logprobs(self, ids: list[int], start: int, role: str = "expert") -> np.ndarray:
+        """log p(ids[i] | ids[:i]) for i in [start, len(ids)), under `role`'s adapters. -> (len(ids)-start,)"""
+        if not 0 < start <= len(ids):
+            raise ValueError("start must be in 1..len(ids)")
+        ctx = self.context(role)
+        ctx.reset()
+        if len(ids) > self.n_ctx:
+            raise CopeError(f"sequence is {len(ids)} tokens but the context holds {self.n_ctx}")
+        if start > 1:
+            ctx.eval(ids[: start - 1])
+        logits = ctx.eval_all_logits(ids[start - 1 : -1]).astype(np.float64)  # (n, V): predicts ids[start:]
+        logz = np.logaddexp.reduce(logits, axis=1)
+        targets = np.asarray(ids[start:])
+        return logits[np.arange(len(targets)), targets] - logz
+
+    def close(self) -> None:
+        for ctx in self._contexts.values():
+            ctx.close()
+        self._contexts.clear()
+        self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,67 @@
+"""The CoPe token rule, on raw logits (numpy, no model).
+
+CoPe picks, within the head set V_head = {v : p_user(v) >= tau * max p_user},
+the token maximising log p_user(v) - alpha * log p_amateur(v).
+
+Both conditions work on raw logits, no softmax needed:
+  p_user(v) / max p_user = exp(l_user(v) - max l_user), so the head test is
+  l_user(v) >= max l_user + log(tau); and log p = l - logsumexp(l) differs
+  from l by a constant over v, so argmax_v [l_user - alpha * l_amateur] is the
+  same token as with log-probs (the paper's renormalisation over V_head is a
+  constant too). Sampling divides the same scores by a temperature, where
+  constants cancel as well.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def head_set(user_logits: np.ndarray, tau: float) -> np.ndarray:
+    """Token ids of V_head, ascending. user_logits: (V,)."""
+    threshold = float(user_logits.max()) + math.log(tau)
+    return np.flatnonzero(user_logits >= threshold)
+
+
+def cope_scores(user_logits: np.ndarray, amateur_logits: np.ndarray, head: np.ndarray, alpha: float) -> np.ndarray:
+    """Implicit reward of each head token, up to a constant. -> (len(head),) float64."""
+    u = user_logits[head].astype(np.float64)
+    a = amateur_logits[head].astype(np.float64)
+    return u - alpha * a
+
+
+def greedy(head: np.ndarray, scores: np.ndarray) -> int:
+    """Highest score; ties go to the lowest token id (np.argmax takes the first)."""
+    return int(head[int(np.argmax(scores))])
+
+
+def sample_top_p(scores: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Index into `scores` drawn from softmax(scores / T) truncated to the top-p nucleus.
+
+    Exact nucleus without sorting the whole vocabulary: try the top 64, then
+    the top 1024 candidates (argpartition), and sort everything only when
+    the nucleus is wider than that.
+    """
+    if temperature <= 0:
+        return int(np.argmax(scores))
+    z = scores.astype(np.float64) / temperature
+    z -= z.max()
+    probs = np.exp(z)
+    probs /= probs.sum()
+    n = probs.shape[0]
+    for k in (64, 1024, n):
+        k = min(k, n)
+        if k < n:
+            top = np.argpartition(-probs, k - 1)[:k]
+        else:
+            top = np.arange(n)
+        top = top[np.argsort(-probs[top], kind="stable")]
+        cum = np.cumsum(probs[top])
+        if cum[-1] >= top_p or k == n:
+            cut = int(np.searchsorted(cum, top_p)) + 1  # smallest prefix with mass >= top_p
+            nucleus = top[: min(cut, k)]
+            p = probs[nucleus] / probs[nucleus].sum()
+            return int(nucleus[int(rng.choice(len(nucleus), p=p))])
+    raise AssertionError("unreachable")

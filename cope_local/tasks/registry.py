@@ -1,0 +1,179 @@
+"""Task templates: how a history item becomes a (prompt, target) pair, and how a draft is asked for.
+
+Training and drafting build their prompts from the same template, so the
+model sees at draft time exactly the wording it was trained on (the paper's
+code used different templates for the two). A prompt is a list of chat
+messages; the caller applies the model's chat template.
+
+Items without an input get one: topic tasks (email, post, review, free) use
+the subject, title or first line; source tasks (rewrite, LaMP-7) need a
+neutral paraphrase from the base model, made by `Task.make_inputs(items,
+generate)` with a decoder-backed `generate(prompt) -> text` passed in (this
+module never imports a decoder); headline/title items without their article
+are dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
+
+from cope_local.errors import CopeError
+from cope_local.ingest.items import DEFAULT_INPUT_FIELDS, DEFAULT_TARGET_FIELDS, HistoryItem
+
+Messages = list[dict[str, str]]
+MAIL_INPUTS = {"in-reply-to", "quoted", "subject-match"}  # input_from values meaning "the mail replied to"
+
+# 2-shot: a 135M instruct model refuses or copies with a zero-shot paraphrase prompt (shared/notes/pilot-lamp7.md).
+PARAPHRASE_PROMPT = (
+    "Rewrite the text in plain, neutral words. Keep the meaning; drop the style. "
+    "Answer with the rewritten text only.\n\n"
+    "Text: omg cant believe its raining AGAIN. worst summer ever lol\n"
+    "Rewritten: It is raining again. This summer has been very bad.\n\n"
+    "Text: just finished my first 10k!!! legs are jelly but SO worth it\n"
+    "Rewritten: I finished my first 10-kilometre run. My legs are tired, but it was worth it.\n\n"
+    "Text: {text}\n"
+    "Rewritten:"
+)
+_REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|sorry,|i can(no|')t|as an ai)", re.I)
+_PREFIX_RE = re.compile(r"^\s*(re|fw|fwd|aw|wg|sv)(\[\d+\])?\s*:\s*", re.I)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    template: str  # the user message; {input} is the item's input at training time, the user's text when drafting
+    default_alpha: float  # CoPe contrast weight (expert minus alpha * amateur)
+    max_new_tokens: int  # draft length cap
+    input_kind: str  # "reply" (input = mail replied to), "topic" (subject/title/first line), "source" (text to transform)
+    missing: str  # item without input: "topic" (derive it), "paraphrase" (base model makes one), "drop"
+    fallback: str | None = None  # task whose template serves items without input (email-reply -> email)
+    target_fields: tuple[str, ...] = DEFAULT_TARGET_FIELDS  # row fields holding the user's text (ingest)
+    input_fields: tuple[str, ...] = DEFAULT_INPUT_FIELDS  # row fields holding its input (ingest)
+
+    def draft_messages(self, user_text: str) -> Messages:
+        """Chat messages asking for a draft; `user_text` fills {input} (the mail to answer, a topic, a text)."""
+        return [{"role": "user", "content": self.template.format(input=user_text.strip())}]
+
+    def needs_generated_input(self, item: HistoryItem) -> bool:
+        return not item.input and self.missing == "paraphrase"
+
+    def prompt_input(self, item: HistoryItem) -> str | None:
+        """The text that fills {input} for this item, or None when it has to be made or dropped."""
+        if self.input_kind == "topic" and (not item.input or item.meta.get("input_from") in MAIL_INPUTS):
+            return topic_of(item)  # a replied-to mail is not the topic of a new email
+        if item.input:
+            return item.input
+        return topic_of(item) if self.missing == "topic" else None
+
+    def training_pair(self, item: HistoryItem) -> tuple[Messages, str]:
+        """(chat messages, target text) for SFT/DPO; raises ValueError if the item needs make_inputs first."""
+        if not item.input and self.fallback:
+            return get_task(self.fallback).training_pair(item)
+        text = self.prompt_input(item)
+        if text is None:
+            raise ValueError(f"item {item.id} has no input for task {self.name}; run task.make_inputs(items, generate) first")
+        return self.draft_messages(text), item.output
+
+    def make_inputs(self, items: Iterable[HistoryItem], generate: Callable[[str], str] | None = None) -> list[HistoryItem]:
+        """Items every one of which `training_pair` accepts: paraphrases generated, unusable items dropped."""
+        out = []
+        for item in items:
+            if item.input or self.fallback or self.missing == "topic":
+                out.append(item)
+            elif self.missing == "paraphrase":
+                if generate is None:
+                    raise ValueError(f"task {self.name}: items without input need a generate function for paraphrases")
+                made = clean_generated(generate(PARAPHRASE_PROMPT.format(text=item.output.strip())))
+                if made and _norm(made) != _norm(item.output):
+                    out.append(replace(item, input=made, meta={**item.meta, "input_from": "generated"}))
+                else:  # the small model copied or refused: fall back to the text itself, as the LaMP-7 pilot did
+                    out.append(replace(item, input=item.output, meta={**item.meta, "input_from": "generated-copy"}))
+            # missing == "drop": a headline without its article teaches nothing
+        return out
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\W+", " ", text).strip().casefold()
+
+
+def clean_generated(text: str) -> str:
+    """First paragraph of a model's answer, without a 'Rewritten:' label, quotes or a refusal."""
+    text = (text or "").strip()
+    text = re.sub(r"^\s*(rewritten|paraphrase|text)\s*:\s*", "", text, flags=re.I)
+    text = text.split("\n\n")[0].strip().strip('"“”').strip()
+    return "" if _REFUSAL_RE.match(text) else text
+
+
+def topic_of(item: HistoryItem) -> str:
+    """Subject or title (Re:/Fw: stripped), else the first line; a one-line text gives its first third."""
+    for key in ("subject", "title"):
+        value = item.meta.get(key)
+        if isinstance(value, str) and _PREFIX_RE.sub("", value).strip():
+            while _PREFIX_RE.match(value):
+                value = _PREFIX_RE.sub("", value, count=1)
+            return value.strip()
+    lines = [x.strip() for x in item.output.strip().split("\n") if x.strip()]
+    first = lines[0] if lines else ""
+    words = first.split()
+    if len(lines) <= 1:  # the first line is the whole text: a topic must not give it away
+        keep = max(3, len(words) // 3)
+        return " ".join(words[:keep]) + (" …" if keep < len(words) else "")
+    return " ".join(words[:15]) + (" …" if len(words) > 15 else "")
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("email-reply", "reply to an email in your voice (input: the email you answer)",
+             "Write a reply to this email:\n\n{input}",
+             default_alpha=0.3,  # 0.3: the brief's default; paper uses 0.1-0.3, no reply-task evidence either way
+             max_new_tokens=200, input_kind="reply", missing="topic", fallback="email"),
+        Task("email", "write a new email (input: subject or what it is about)",
+             "Write an email about: {input}",
+             default_alpha=0.3, max_new_tokens=200, input_kind="topic", missing="topic"),
+        Task("review", "write a review (input: the product, place or thing reviewed)",
+             "Write a review of: {input}",
+             default_alpha=0.3, max_new_tokens=300, input_kind="topic", missing="topic",
+             input_fields=("input", "description", "summary", "title", "query", "prompt")),
+        Task("post", "write a social media / blog post (input: its topic)",
+             "Write a post about: {input}",
+             default_alpha=0.3, max_new_tokens=100, input_kind="topic", missing="topic"),
+        Task("rewrite", "rewrite a text in your voice (input: the text to rewrite)",
+             "Rewrite this text in my style, without any explanation before or after it:\n\n{input}",
+             default_alpha=0.1,  # a near-copy task: alpha .1 beat .3 on LaMP-7 in the pilot (shared/notes/pilot-lamp7.md)
+             max_new_tokens=150, input_kind="source", missing="paraphrase"),
+        Task("headline", "write a news headline (input: the article) - LaMP-4",
+             "Generate a headline for the following article: {input}",
+             default_alpha=0.3,  # 0.3: the value the paper's code uses for headlines
+             max_new_tokens=32, input_kind="source", missing="drop",
+             target_fields=("output", "title", "headline"), input_fields=("input", "text", "article", "abstract")),
+        Task("title", "write a paper title (input: the abstract) - LaMP-5",
+             "Generate a title for the following abstract of a paper: {input}",
+             default_alpha=0.3, max_new_tokens=32, input_kind="source", missing="drop",
+             target_fields=("output", "title"), input_fields=("input", "abstract", "text")),
+        Task("free", "free writing (input: a topic or first line)",
+             "Write a text about: {input}",
+             default_alpha=0.3, max_new_tokens=200, input_kind="topic", missing="topic"),
+        Task("lamp7", "paraphrase a tweet in your voice - LaMP-7",
+             "Paraphrase the following tweet without any explanation before or after it: {input}",
+             default_alpha=0.1,  # pilot on LaMP-7: alpha .1 > .3 > .5 in ROUGE-L (shared/notes/pilot-lamp7.md)
+             max_new_tokens=64, input_kind="source", missing="paraphrase"),
+    ]
+}
+ALIASES = {"lamp-7": "lamp7", "reply": "email-reply", "tweet": "lamp7"}
+DEFAULT_TASK = "email-reply"
+
+
+def get_task(name: str) -> Task:
+    key = (name or "").strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in TASKS:
+        raise CopeError(f"--task {name!r}: unknown task; choose one of: {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+def list_tasks() -> list[Task]:
+    return list(TASKS.values())

