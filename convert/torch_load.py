@@ -50,6 +50,35 @@ def _no_dequant_bar():
             mod.tqdm = orig
 
 
+@contextlib.contextmanager
+def _parse_gguf_once():
+    """transformers parses the same GGUF three times (config, weights, tokenizer) with gguf's
+    GGUFReader (~2.5 s each on the default model) and rebuilds gguf's TensorNameMap once per
+    tensor (~17 ms each). Memoize both for the duration of one load: ~2x faster."""
+    import gguf
+
+    orig_reader, orig_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+    maps: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = orig_reader(path, mode)
+        return readers[key]
+
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[(arch, n_blocks)] = orig_map(arch, n_blocks)
+        return maps[(arch, n_blocks)]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = orig_reader, orig_map
+
+
 def load_hf_model(base_gguf_path: str | os.PathLike, dtype=None):
     """(model, tokenizer) from a GGUF base: float weights (default float32), trainable and saveable."""
     import torch
@@ -69,7 +98,7 @@ def load_hf_model(base_gguf_path: str | os.PathLike, dtype=None):
     prev_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        with _offline(), _no_dequant_bar():
+        with _offline(), _no_dequant_bar(), _parse_gguf_once():
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except CopeError:

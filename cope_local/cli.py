@@ -16,9 +16,11 @@ from cope_local import __version__
 from cope_local.errors import CopeError
 
 COMMAND_MODULES = [
-    "cope_local.commands.draft",  # cope draft, cope demo
+    "cope_local.commands.draft",  # cope draft
     "cope_local.commands.models",  # cope models list|path
     "cope_local.commands.profile",  # cope profile create|list|show|path|delete (train: commands/train.py)
+    "cope_local.commands.train",  # cope profile train, cope tam train
+    "cope_local.commands.demo",  # cope demo
     "convert.cli",  # cope convert adapter|base|check
 ]
 

@@ -74,7 +74,8 @@ def convert_f32(convert_home, convert_dir, default_model) -> Path:
 def convert_llama_logprobs():
     """fn(model_path, token_lists, adapter=None, flash=False) -> [(n_tokens, n_vocab) log-probs] from llama.cpp.
 
-    Low-level API, one token per decode, 2 threads, F32 KV cache. Flash attention is off by
+    Low-level API, one batch per prompt, 1 thread (on 2 busy cores llama.cpp's spinning thread
+    barrier made 2 threads ~25x slower, measured), F32 KV cache. Flash attention is off by
     default for the exactness checks: llama.cpp's CPU flash-attention kernel alone moves
     log-probs by up to ~0.025 nats against an exact F32 reference (measured), which
     would mask a conversion error of that size.
@@ -86,7 +87,7 @@ def convert_llama_logprobs():
 
     from convert.llama_probe import captured_llama_log
 
-    def run(model_path, token_lists, adapter=None, flash=False, threads=2):
+    def run(model_path, token_lists, adapter=None, flash=False, threads=1):
         with captured_llama_log() as log:
             L.llama_backend_init()
             model = L.llama_model_load_from_file(str(model_path).encode(), L.llama_model_default_params())
@@ -109,20 +110,27 @@ def convert_llama_logprobs():
                     ctx = L.llama_init_from_model(model, cp)
                     if not ctx:
                         raise AssertionError(f"llama.cpp could not create a context: {log[-3:]}")
+                    batch = L.llama_batch_init(len(toks), 0, 1)
                     try:
                         if lora is not None:
                             arr = (L.llama_adapter_lora_p_ctypes * 1)(lora)
                             scales = (ctypes.c_float * 1)(1.0)
                             assert L.llama_set_adapters_lora(ctx, arr, 1, scales) == 0
+                        # one batch with logits at every position (llama_batch_get_one would give only the
+                        # last); on F32 weights this equals token-by-token decoding to ~4e-5
+                        for i, t in enumerate(toks):
+                            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
+                            batch.seq_id[i][0] = 0
+                        batch.n_tokens = len(toks)
+                        assert L.llama_decode(ctx, batch) == 0
                         rows = []
-                        for t in toks:
-                            tok = (L.llama_token * 1)(t)
-                            assert L.llama_decode(ctx, L.llama_batch_get_one(tok, 1)) == 0
-                            ptr = L.llama_get_logits_ith(ctx, -1)
+                        for i in range(len(toks)):
+                            ptr = L.llama_get_logits_ith(ctx, i)
                             if not ptr:
                                 raise AssertionError("llama.cpp returned no logits")
                             rows.append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64))
                     finally:
+                        L.llama_batch_free(batch)
                         L.llama_free(ctx)
                     x = np.stack(rows)
                     x = x - x.max(-1, keepdims=True)
@@ -247,3 +255,90 @@ def convert_tiny(convert_home, convert_dir, convert_smol):
         return cache[arch]
 
     return make
+
+
+# --- train_ : shared by tests/test_train_negatives.py and tests/test_train_dpo.py --------------
+
+TRAIN_TINY_HISTORY = [  # (topic, what the invented user wrote): short, lowercase, hashtag-y
+    ("the morning bus", "bus late AGAIN. standing in the rain like a sad heron. #commute"),
+    ("a new cafe", "new cafe on elm st. flat white = perfect. barista = grumpy. 8/10 #coffee"),
+    ("weekend plans", "weekend plan: nothing. maybe soup. #lazy"),
+    ("a book you finished", "finished the lighthouse book at 2am. cried twice. #books"),
+    ("your cat", "cat knocked my tea off the desk. eye contact the whole time. #catlife"),
+    ("running", "first 5k in months. legs = jelly. heart = happy. #running"),
+]
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory):
+    """COPE_HOME and COPE_CACHE for train_ session fixtures: the dequantized base is built once per session."""
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("train-cache")
+    mp.setenv("COPE_HOME", str(root / "home"))
+    mp.setenv("COPE_CACHE", str(root / "cache"))
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def train_tiny_pairs(train_cache, default_model, tmp_path_factory) -> Path:
+    """A pairs.jsonl of TRAIN_TINY_HISTORY: rows as data.py writes them, two of them without ids
+    (id, messages, target only), so both ways of reading a pair are used."""
+    import json
+
+    from cope_local.train.data import ChatEncoder
+
+    enc = ChatEncoder(default_model)
+    path = tmp_path_factory.mktemp("train-pairs") / "pairs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (topic, text) in enumerate(TRAIN_TINY_HISTORY):
+            row = enc.example(f"t{i}", [{"role": "user", "content": f"Write a short post about {topic}."}], text,
+                              384, 256).to_dict()
+            if i >= len(TRAIN_TINY_HISTORY) - 2:
+                row = {k: row[k] for k in ("id", "messages", "target")}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_random_user(train_cache, default_model, tmp_path_factory):
+    """A random-init user LoRA (r8 q/v, B scaled so user and amateur differ by ~0.02-0.6 nats/token):
+    namespace(peft = peft folder, gguf = the same adapter exported by convert.adapter.export_adapter)."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from convert.adapter import export_adapter
+    from cope_local.train.hf import load_base
+
+    folder = tmp_path_factory.mktemp("train-user")
+    model, _tok = load_base(default_model)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    peft_model.save_pretrained(folder / "peft")
+    gguf = export_adapter(folder / "peft", default_model, folder / "user.gguf").path
+    return SimpleNamespace(peft=folder / "peft", gguf=gguf)
+
+
+def train_tiny_cfg(**overrides):
+    """Small, fast settings for the negatives/DPO tests (K=3 as the paper, short candidates)."""
+    from dataclasses import replace
+
+    from cope_local.train.config import TrainConfig
+
+    return replace(TrainConfig(), neg_max_tokens=12, **overrides)
+
+
+@pytest.fixture(scope="session")
+def train_tiny_negatives(train_cache, default_model, train_tiny_pairs, train_random_user, tmp_path_factory) -> Path:
+    """negatives.jsonl for train_tiny_pairs from train_random_user, made by one uninterrupted run."""
+    from cope_local.train.negatives import run_negatives
+
+    out = tmp_path_factory.mktemp("train-neg") / "negatives.jsonl"
+    return run_negatives(train_tiny_pairs, default_model, train_random_user.gguf, out, train_tiny_cfg())

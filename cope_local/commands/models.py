@@ -26,13 +26,14 @@ def model_rows(extra_paths=()) -> list[dict]:
     found = installed_models()
     for name in KNOWN_MODELS:
         if name in found:
-            row = {"name": name, **read_info(found[name]).as_dict(), "default": name == DEFAULT_MODEL, "installed": True}
+            info = read_info(found[name]).as_dict()
+            row = {**info, "name": name, "title": info["name"], "default": name == DEFAULT_MODEL, "installed": True}
         else:
             row = {"name": name, "installed": False, "install": KNOWN_MODELS[name].extra, "default": name == DEFAULT_MODEL}
         rows.append(row)
     for path in extra_paths:
         info = read_info(path)
-        rows.append({**info.as_dict(), "name": str(path), "default": False, "installed": True})
+        rows.append({**info.as_dict(), "name": str(path), "title": info.name, "default": False, "installed": True})
     return rows
 
 

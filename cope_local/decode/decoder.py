@@ -195,22 +195,35 @@ class Decoder:
             logits = ctx.eval([tok])
 
     def _cope_steps(self, ids: list[int], cfg: GenConfig, rng, gen: Generation) -> Iterator[int]:
+        """Expert every step; amateur only where the head set has 2+ tokens.
+
+        Lazy amateur: tokens it missed wait in `pending` and go in with the next
+        call as one batch. Speculation: that batch also carries a guess of the
+        token about to be chosen (the user's top token, CoPe's most common
+        pick), with its logits requested too. When the guess is right, the
+        amateur is already one step ahead and the next multi-token head set
+        costs no amateur call; when wrong, the guess is dropped from its cache.
+        """
         expert, amateur = self.context("expert"), self.context("amateur")
         expert.reset()
         amateur.reset()
         user_logits = expert.eval(ids)
+        lazy = cfg.lazy_amateur
         pending = list(ids)  # tokens the amateur has not seen yet
-        amateur_logits = None
-        if not cfg.lazy_amateur:
+        amateur_logits = None  # amateur logits at the current position, when known
+        if not lazy:
             amateur_logits, pending = amateur.eval(pending), []
         while True:
             head = rule.head_set(user_logits, cfg.tau)
             gen.head_sizes.append(len(head))
+            guess = guess_logits = None
             if len(head) == 1:
                 tok = int(head[0])  # the amateur cannot change a one-token head set
             else:
-                if pending:
-                    amateur_logits, pending = amateur.eval(pending), []
+                if amateur_logits is None:
+                    guess = int(np.argmax(user_logits))
+                    both = amateur.decode(pending + [guess], (len(pending) - 1, len(pending)))
+                    amateur_logits, guess_logits, pending = both[0], both[1], []
                     gen.amateur_evals += 1
                 scores = rule.cope_scores(user_logits, amateur_logits, head, cfg.alpha)
                 if cfg.temperature > 0:
@@ -219,11 +232,16 @@ class Decoder:
                     tok = rule.greedy(head, scores)
             yield tok
             user_logits = expert.eval([tok])
-            if cfg.lazy_amateur:
-                pending.append(tok)
-            else:
+            if not lazy:
                 amateur_logits = amateur.eval([tok])
                 gen.amateur_evals += 1
+            elif guess is not None and tok == guess:
+                amateur_logits = guess_logits  # already one step ahead
+            else:
+                if guess is not None:
+                    amateur.truncate(amateur.n_past - 1)  # drop the wrong guess
+                amateur_logits = None
+                pending.append(tok)
 
     # -- scoring (synthetic negatives) -----------------------------------------------------
     def token_logprobs(self, ids: list[int], start: int, role: str = "expert") -> np.ndarray:

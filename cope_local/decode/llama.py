@@ -178,6 +178,7 @@ class Context:
     """One KV cache and its adapters over a shared Model. Sequence 0 only."""
 
     def __init__(self, model: Model, n_ctx: int, threads: int | None = None, n_batch: int = 512):
+        self._batch = None  # one llama_batch, reused by every decode()
         self.model = model
         params = C.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -185,6 +186,7 @@ class Context:
         params.n_ubatch = n_batch
         params.n_seq_max = 1
         threads = threads or default_threads()
+        self.threads = threads
         params.n_threads = threads
         params.n_threads_batch = threads
         params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED  # same kernels everywhere: comparable logits
@@ -197,7 +199,6 @@ class Context:
         self.n_batch = n_batch
         self.n_past = 0
         self.n_vocab = model.n_vocab
-        self._batch = None
 
     def set_adapters(self, adapters: list[tuple[LoraAdapter, float]]) -> None:
         n = len(adapters)
@@ -211,50 +212,57 @@ class Context:
         C.llama_memory_clear(C.llama_get_memory(self.ptr), True)
         self.n_past = 0
 
+    def truncate(self, n_past: int) -> None:
+        """Forget every token from position `n_past` on (undo a speculative token)."""
+        C.llama_memory_seq_rm(C.llama_get_memory(self.ptr), 0, n_past, -1)
+        self.n_past = n_past
+
     def eval(self, tokens: list[int]) -> np.ndarray:
-        """Append tokens to the cache; return the logits after the last one. -> (n_vocab,) float32 copy."""
+        """Append tokens; return the logits after the last one. -> (n_vocab,) float32"""
+        return self.decode(tokens, (len(tokens) - 1,))[0]
+
+    def eval_all_logits(self, tokens: list[int]) -> np.ndarray:
+        """Append tokens; return the logits after EVERY one of them. -> (len(tokens), n_vocab) float32"""
+        return self.decode(tokens, range(len(tokens)))
+
+    def decode(self, tokens: list[int], outputs) -> np.ndarray:
+        """Append tokens to the cache in n_batch chunks; return the logits after tokens[i]
+        for each i in `outputs` (ascending). -> (len(outputs), n_vocab) float32 copy"""
         if not tokens:
-            raise ValueError("eval() needs at least one token")
+            raise ValueError("decode() needs at least one token")
         if self.n_past + len(tokens) > self.n_ctx:
             raise CopeError(f"context overflow: {self.n_past + len(tokens)} tokens do not fit in n_ctx={self.n_ctx}; shorten the prompt or raise --ctx")
+        if self._batch is None:
+            self._batch = C.llama_batch_init(self.n_batch, 0, 1)
+        batch, want = self._batch, list(outputs)
+        out = np.empty((len(want), self.n_vocab), dtype=np.float32)
+        k = 0  # next output to fill
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
-            arr = (C.llama_token * len(chunk))(*chunk)
-            rc = C.llama_decode(self.ptr, C.llama_batch_get_one(arr, len(chunk)))
+            batch.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 0
+            first = k
+            while k < len(want) and want[k] < start + len(chunk):
+                batch.logits[want[k] - start] = 1
+                k += 1
+            rc = C.llama_decode(self.ptr, batch)
             if rc != 0:
                 raise CopeError(f"{self.model.path}: llama_decode failed with code {rc} ({_last_log('no reason given')})")
             self.n_past += len(chunk)
-        ptr = C.llama_get_logits_ith(self.ptr, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-    def eval_all_logits(self, tokens: list[int]) -> np.ndarray:
-        """Append tokens; return the logits after EVERY one of them. -> (len(tokens), n_vocab) float32."""
-        if self.n_past + len(tokens) > self.n_ctx:
-            raise CopeError(f"context overflow: {self.n_past + len(tokens)} tokens do not fit in n_ctx={self.n_ctx}")
-        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
-        batch = C.llama_batch_init(self.n_batch, 0, 1)
-        try:
-            for start in range(0, len(tokens), self.n_batch):
-                chunk = tokens[start:start + self.n_batch]
-                batch.n_tokens = len(chunk)
-                for i, tok in enumerate(chunk):
-                    batch.token[i] = tok
-                    batch.pos[i] = self.n_past + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = 1
-                rc = C.llama_decode(self.ptr, batch)
-                if rc != 0:
-                    raise CopeError(f"{self.model.path}: llama_decode failed with code {rc} ({_last_log('no reason given')})")
-                self.n_past += len(chunk)
-                for i in range(len(chunk)):
-                    ptr = C.llama_get_logits_ith(self.ptr, i)
-                    out[start + i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-        finally:
-            C.llama_batch_free(batch)
+            for j in range(first, k):
+                ptr = C.llama_get_logits_ith(self.ptr, want[j] - start)
+                out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out
 
     def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            C.llama_batch_free(self._batch)
+            self._batch = None
         if getattr(self, "ptr", None):
             C.llama_free(self.ptr)
             self.ptr = None

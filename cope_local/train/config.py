@@ -25,8 +25,8 @@ class LoraSpec:
 class TrainConfig:
     seed: int = 0  # one seed for data order, LoRA init, sampling
     device: str = "auto"  # auto: cuda, else mps, else cpu
-    max_prompt_tokens: int = 384  # prompts are cut from the left beyond this
-    max_target_tokens: int = 256  # targets are cut from the right beyond this
+    max_prompt_tokens: int = 384  # longer prompts lose the end of their last message's text (the template's framing stays)
+    max_target_tokens: int = 256  # longer targets are cut at the end (and get no end-of-turn token)
     batch_tokens: int = 2048  # memory budget per micro-batch (tokens); batches accumulate to batch_size
     # TAM: task adapter on non-personal data (paper: r16/alpha16 q,k,v,o, lr 1e-4, 3 epochs)
     tam: LoraSpec = field(default_factory=lambda: LoraSpec(16, 16, ("q_proj", "k_proj", "v_proj", "o_proj"), 1e-4, 3))
@@ -46,6 +46,9 @@ class TrainConfig:
     dpo_epochs: float = 1  # passes over the pairs
     dpo_batch_size: int = 8  # pairs per optimizer step
     dpo_reference: str = "tam"  # "tam": user adapter off (the paper); "sft": the SFT adapter
+    # pipeline (cope_local/train/pipeline.py)
+    dpo: bool = True  # run negatives + DPO after SFT (the paper); False: export the SFT (OPPU) adapter
+    tam_adapter: str = ""  # TAM the user adapter builds on: a name from `cope tam train` or its folder; "" = none (amateur = base)
     # safety
     watchdog_factor: float = 4.0  # stop when the smoothed loss exceeds this x its early value (divergence)
     checkpoint_every: int = 20  # optimizer steps between resumable checkpoints

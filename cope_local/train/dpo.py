@@ -5,16 +5,20 @@
     reference = cfg.dpo_reference: "tam" (default, the paper) = the user adapter switched off,
                 i.e. the amateur; "sft" = a frozen copy of the SFT adapter
 
-Why the reference needs care: trl 1.16's DPOTrainer, given a PeftModel that
-already holds an adapter and no ref_model, adds a frozen copy of it named
-"ref" and scores the reference with that copy (reference = SFT). When no
-"ref" adapter exists it scores the reference inside `disable_adapter()`
-(trl.trainer.utils.use_adapter(model, None)). So for "tam" we delete the
-"ref" copy right after the trainer is built (before any step and before the
-optimizer exists): the reference is then the model with the user adapter off,
-which is base + TAM because the TAM is merged into the base weights first.
-tests/test_train_dpo.py proves it against our own forward under
-`model.disable_adapter()`.
+What trl 1.16 does, and what we do: DPOTrainer given a PeftModel that already
+holds an adapter and no ref_model adds a frozen copy of that adapter named
+"ref" and scores the reference with it (reference = SFT, not the paper's);
+with no "ref" adapter it scores inside `disable_adapter()`. We make the
+reference explicit instead: before training, the reference log-probs of every
+pair are computed once with our own forward, inside `model.disable_adapter()`
+for "tam" (the TAM is merged into the base weights first, so adapter-off IS
+the amateur) or with the SFT adapter on for "sft", and handed to trl as its
+precomputed reference (`precompute_ref_log_probs`, the columns
+ref_chosen_logps / ref_rejected_logps); trl's unused "ref" copy is deleted.
+One reference forward per step saved (~25 % of a step), the same numbers
+before/after for the metrics, and a resume reuses them. tests/test_train_dpo.py
+proves the loss reads exactly the adapter-off log-probs, and documents trl's
+own default.
 
 Tokens: the rows come pre-tokenized from the negatives file (prompt ids as
 drafting builds them, chosen/rejected ending with the turn-end token, no
@@ -23,22 +27,23 @@ skipped. Each negatives row carries a digest of its pair; a mismatch means the
 negatives are stale and is an error rather than silent training on old text.
 
 Resumable: trl/transformers checkpoints (weights, optimizer, scheduler, RNG,
-step) in `<out_dir>.work/checkpoints`; the newest complete one is resumed.
-Ctrl-C finishes the current optimizer step, saves a checkpoint and raises
-KeyboardInterrupt; a second Ctrl-C stops at once (the previous checkpoint
-stays). The adapter folder appears only when done (temp folder + rename).
+step) in `<out_dir>.work/checkpoints`, every cfg.checkpoint_every steps; the
+newest complete one is resumed (the work folder is emptied when the inputs or
+settings changed). Ctrl-C or SIGTERM finishes the current optimizer step,
+saves a checkpoint and raises KeyboardInterrupt; a second Ctrl-C stops at
+once (the previous checkpoint stays). The adapter folder appears only when
+done (temp folder + rename).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -72,11 +77,20 @@ def build_rows(pairs_path, negatives_path) -> list[dict]:
     return rows
 
 
-def micro_batch(batch_size: int, longest: int, batch_tokens: int) -> tuple[int, int]:
+def micro_batch(batch_size: int, longest: int, cap_tokens: int) -> tuple[int, int]:
     """(pairs per forward, accumulation steps): the largest divisor of batch_size whose 2 x longest tokens fit."""
-    fit = max(1, batch_tokens // max(1, 2 * longest))  # a pair is two sequences
-    micro = max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= fit) if fit < batch_size else batch_size
+    fit = max(1, cap_tokens // max(1, 2 * longest))  # a pair is two sequences
+    micro = max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= fit)
     return micro, batch_size // micro
+
+
+def plan_batches(rows: list[dict], cfg: TrainConfig, plan, model_config) -> tuple[int, int]:
+    """micro_batch with the device's token budget (cope_local.train.device: memory-aware, 512 tokens on CPU)."""
+    from cope_local.train.device import micro_batch_tokens
+
+    longest = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
+    cap = micro_batch_tokens(plan, model_config, cfg.batch_tokens) if plan is not None else cfg.batch_tokens
+    return micro_batch(cfg.dpo_batch_size, longest, cap)
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -113,6 +127,7 @@ def sequence_logps(model, rows: list[dict], batch_size: int, pad_id: int) -> tup
                 for i, s in enumerate(seqs):
                     ids[i, : len(s)] = torch.tensor(s)
                     mask[i, : len(s)] = 1
+                ids, mask = ids.to(model.device), mask.to(model.device)
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (2b, T, V)
                 logp = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1)  # (2b, T-1)
                 keep = torch.zeros_like(logp)
@@ -145,10 +160,13 @@ def _trainer_class():
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # tokenized like drafting (negatives stage); trl would re-tokenize from strings
 
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            return dataset  # ref_chosen_logps / ref_rejected_logps are ours (reference_logps)
+
     return PretokenizedDPOTrainer
 
 
-def _callbacks(total_steps_hint: int, cfg: TrainConfig, state: dict):
+def _callbacks(cfg: TrainConfig, state: dict):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -164,7 +182,7 @@ def _callbacks(total_steps_hint: int, cfg: TrainConfig, state: dict):
             self.t0, self.first_step = time.monotonic(), st.global_step
 
         def on_step_end(self, args, st, control, **kw):
-            if state.get("interrupted"):
+            if state["stop"].requested:  # Ctrl-C / SIGTERM: finish this step, save a checkpoint, stop
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -193,15 +211,23 @@ def _callbacks(total_steps_hint: int, cfg: TrainConfig, state: dict):
     return [Progress()]
 
 
-def make_trainer(policy, tokenizer, rows: list[dict], cfg: TrainConfig, work_dir: Path, *, callbacks=(), use_cpu=True):
-    """A DPOTrainer whose reference is cfg.dpo_reference ("tam": adapter off; "sft": frozen SFT copy)."""
+def reference_logps(policy, rows: list[dict], reference: str, batch_size: int, pad_id: int):
+    """Reference log-prob sums (chosen, rejected): "tam" = user adapter disabled, "sft" = the adapter as loaded."""
+    if reference == "tam":
+        with policy.disable_adapter():
+            return sequence_logps(policy, rows, batch_size, pad_id)
+    if reference == "sft":
+        return sequence_logps(policy, rows, batch_size, pad_id)
+    raise CopeError(f"dpo_reference is {reference!r}; use \"tam\" (the paper) or \"sft\"")
+
+
+def make_trainer(policy, tokenizer, rows: list[dict], ref: tuple[list[float], list[float]], cfg: TrainConfig,
+                 work_dir: Path, *, callbacks=(), plan=None):
+    """A DPOTrainer on `rows` whose reference log-probs are `ref` (see reference_logps), nothing else."""
     from datasets import Dataset
     from trl import DPOConfig
 
-    if cfg.dpo_reference not in ("tam", "sft"):
-        raise CopeError(f"dpo_reference is {cfg.dpo_reference!r}; use \"tam\" (the paper) or \"sft\"")
-    longest = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
-    micro, accum = micro_batch(cfg.dpo_batch_size, longest, cfg.batch_tokens)
+    micro, accum = plan_batches(rows, cfg, plan, policy.config)
     args = DPOConfig(
         output_dir=str(work_dir / "checkpoints"),
         per_device_train_batch_size=micro,
@@ -213,6 +239,7 @@ def make_trainer(policy, tokenizer, rows: list[dict], cfg: TrainConfig, work_dir
         warmup_steps=0,
         beta=cfg.dpo_beta,
         loss_type=["sigmoid"],  # standard DPO
+        precompute_ref_log_probs=True,  # the reference columns below; never trl's "ref" adapter copy
         max_length=None,  # prompts/targets are already capped by the encoder (max_prompt_tokens, max_target_tokens)
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -222,21 +249,22 @@ def make_trainer(policy, tokenizer, rows: list[dict], cfg: TrainConfig, work_dir
         save_total_limit=2,  # the newest may be half-written when killed; the one before stays
         report_to="none",
         disable_tqdm=True,  # our own progress line (loss, margin, ETA)
-        use_cpu=use_cpu,
+        use_cpu=plan is None or plan.kind == "cpu",
         dataloader_num_workers=0,
         remove_unused_columns=False,
         gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,
+        bf16=plan is not None and plan.dtype == "bfloat16",  # GPUs: mixed precision; CPU: float32
+        fp16=plan is not None and plan.dtype == "float16",
     )
-    dataset = Dataset.from_list([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows])
+    dataset = Dataset.from_list([
+        {"prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"],
+         "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+        for r, rc, rr in zip(rows, *ref)
+    ])
     trainer = _trainer_class()(model=policy, ref_model=None, args=args, train_dataset=dataset,
                                processing_class=tokenizer, callbacks=list(callbacks))
-    peft_model = trainer.model
-    if cfg.dpo_reference == "tam" and "ref" in peft_model.peft_config:
-        peft_model.delete_adapter("ref")  # trl then scores the reference with the adapter disabled
-    if cfg.dpo_reference == "sft" and "ref" not in peft_model.peft_config:
-        raise CopeError("internal error: trl did not make a frozen copy of the SFT adapter as the DPO reference")
+    if "ref" in trainer.model.peft_config:
+        trainer.model.delete_adapter("ref")  # trl's copy of the SFT adapter: unused with precomputed reference log-probs
     return trainer
 
 
@@ -255,29 +283,6 @@ def latest_checkpoint(ckpt_dir: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-class _CtrlC:
-    """First Ctrl-C: ask the trainer to stop after this step (with a checkpoint). Second: stop now."""
-
-    def __init__(self, state: dict):
-        self.state, self.prev = state, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.prev = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.state.get("interrupted"):
-            raise KeyboardInterrupt
-        self.state["interrupted"] = True
-        print("\ndpo: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        if self.prev is not None:
-            signal.signal(signal.SIGINT, self.prev)
-
-
 # -- the stage -------------------------------------------------------------------------------------
 def _adapter_done(out_dir: Path) -> bool:
     return (out_dir / "adapter_config.json").exists() and (out_dir / METRICS).exists()
@@ -285,53 +290,50 @@ def _adapter_done(out_dir: Path) -> bool:
 
 def run_dpo(pairs_path, negatives_path, base_gguf, sft_peft_dir, out_dir, cfg: TrainConfig, *, tam_peft_dir=None) -> Path:
     """pairs + negatives + SFT adapter -> DPO-trained peft adapter folder `out_dir` (with dpo_metrics.json)."""
-    import torch
     from transformers import set_seed
+
+    from cope_local.train.device import choose_device
+    from cope_local.train.sft import StopRequests
 
     out_dir = Path(out_dir)
     if _adapter_done(out_dir):
         return out_dir
     rows = build_rows(pairs_path, negatives_path)
-    work = out_dir.with_name(out_dir.name + ".work")
-    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    work = _work_dir(out_dir, _inputs_key(rows, base_gguf, sft_peft_dir, tam_peft_dir, cfg))
+    plan = choose_device(cfg.device)  # also fixes torch's thread count
+    print(f"dpo: {len(rows)} pairs on {plan.describe()}, reference = {cfg.dpo_reference}", file=sys.stderr)
     set_seed(cfg.seed)
     policy, tokenizer = load_policy(base_gguf, sft_peft_dir, tam_peft_dir)
+    policy.to(plan.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.monotonic()
 
     # reference and "before" log-probs: fixed for the whole run, so computed once and kept for a resume
     before_path = work / "before.json"
-    key = {"rows": [pair["id"] for pair in rows], "reference": cfg.dpo_reference, "n": len(rows),
-           "digest": [hash_ids(r) for r in rows]}
     cached = _read_json(before_path)
-    longest = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
-    eval_batch = micro_batch(cfg.dpo_batch_size, longest, cfg.batch_tokens)[0]
-    if cached and cached.get("key") == key:
+    eval_batch = plan_batches(rows, cfg, plan, policy.config)[0]
+    if cached and len(cached.get("ref", [[]])[0]) == len(rows):
         pol0, ref = tuple(cached["policy"]), tuple(cached["ref"])
     else:
         print(f"dpo: scoring {len(rows)} pairs under the policy and the reference ({cfg.dpo_reference})", file=sys.stderr)
-        pol0 = sequence_logps(policy, rows, eval_batch, pad_id)
-        if cfg.dpo_reference == "tam":
-            with policy.disable_adapter():
-                ref = sequence_logps(policy, rows, eval_batch, pad_id)
-        else:
-            ref = pol0  # the policy starts as the SFT adapter, which is the reference
-        atomic_write_text(before_path, json.dumps({"key": key, "policy": pol0, "ref": ref}))
+        ref = reference_logps(policy, rows, cfg.dpo_reference, eval_batch, pad_id)
+        pol0 = ref if cfg.dpo_reference == "sft" else sequence_logps(policy, rows, eval_batch, pad_id)
+        atomic_write_text(before_path, json.dumps({"policy": pol0, "ref": ref}))
     before = preference_metrics(pol0, ref, cfg.dpo_beta)
     print(f"dpo: before: margin {before['margin_mean']:+.4f}, accuracy {before['accuracy']:.2f}, loss {before['loss']:.4f}",
           file=sys.stderr)
 
-    state: dict = {}
-    trainer = make_trainer(policy, tokenizer, rows, cfg, work, callbacks=_callbacks(0, cfg, state),
-                           use_cpu=not torch.cuda.is_available())
+    stop = StopRequests("dpo")
+    state: dict = {"stop": stop}
+    trainer = make_trainer(policy, tokenizer, rows, ref, cfg, work, callbacks=_callbacks(cfg, state), plan=plan)
     resume = latest_checkpoint(work / "checkpoints")
     if resume:
         print(f"dpo: resuming from {Path(resume).name}", file=sys.stderr)
     t_train = time.monotonic()
-    with _CtrlC(state):
+    with stop:
         result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.monotonic() - t_train
-    if state.get("interrupted"):
+    if stop.requested:
         raise KeyboardInterrupt("dpo interrupted; checkpoint saved, rerun to resume")
     if state.get("diverged"):
         raise CopeError(f"dpo: training diverged ({state['diverged']}); lower dpo_lr (now {cfg.dpo_lr}) and rerun")
@@ -369,9 +371,44 @@ def run_dpo(pairs_path, negatives_path, base_gguf, sft_peft_dir, out_dir, cfg: T
     return out_dir
 
 
-def hash_ids(row: dict) -> int:
-    """A cheap digest of one row's token ids (the before-cache must match the rows it was made from)."""
-    return hash((tuple(row["prompt_ids"]), tuple(row["chosen_ids"]), tuple(row["rejected_ids"]))) & 0xFFFFFFFF
+def _digest(path) -> str | None:
+    """sha256 of a file, or of every file in a folder (adapter folders), or None."""
+    if path is None:
+        return None
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file() and f.name != "README.md":
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _inputs_key(rows, base_gguf, sft_peft_dir, tam_peft_dir, cfg: TrainConfig) -> str:
+    """Everything the checkpoints and cached reference log-probs depend on."""
+    from cope_local.binding import base_fingerprint
+
+    data = {
+        "rows": [[r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]] for r in rows],
+        "base": base_fingerprint(base_gguf),
+        "sft": _digest(sft_peft_dir),
+        "tam": _digest(tam_peft_dir),
+        "cfg": [cfg.dpo_beta, cfg.dpo_lr, cfg.dpo_epochs, cfg.dpo_batch_size, cfg.dpo_reference, cfg.seed,
+                cfg.max_steps, cfg.batch_tokens],
+    }
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:24]
+
+
+def _work_dir(out_dir: Path, key: str) -> Path:
+    """`<out_dir>.work`, emptied when it belongs to other inputs (a resume must never mix runs)."""
+    work = out_dir.with_name(out_dir.name + ".work")
+    stamp = work / "inputs.key"
+    if work.exists() and (not stamp.exists() or stamp.read_text().strip() != key):
+        shutil.rmtree(work)
+    if not work.exists():
+        work.mkdir(parents=True, mode=0o700)
+        atomic_write_text(stamp, key + "\n")
+    return work
 
 
 def _read_json(path: Path):

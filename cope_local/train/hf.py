@@ -136,6 +136,8 @@ def load_base(base_gguf: str | os.PathLike, dtype=None):
         return model.to(dtype), tokenizer
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bar: noise in a stage's output
     try:
         with offline():
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
@@ -146,5 +148,7 @@ def load_base(base_gguf: str | os.PathLike, dtype=None):
         return load_base(base_gguf, dtype)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer

@@ -12,7 +12,9 @@ and scoring both run in llama.cpp (one mmapped model, two contexts), ~7x
 faster than transformers here; no torch in this module.
 
 What the mean runs over: the completion tokens, i.e. the sampled text plus the
-turn-end token, exactly the ids DPO later trains on as `rejected`. The
+turn-end token where the amateur ended its turn (a text cut at neg_max_tokens
+gets none, the rule data.py applies to cut targets), exactly the ids DPO later
+trains on as `rejected`. The
 paper's code also averages over the prompt tokens. Within one item the prompt
 part of the sum is the same for every candidate (causal model), so it only
 enters through the denominator (P + C_k) / (n_p + n_k): a length bias whose
@@ -89,40 +91,10 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
 
 
 def encode_pair(dec, row: dict, cfg: TrainConfig) -> tuple[list[int], list[int]]:
-    """(prompt_ids, chosen_ids) as drafting builds them; chosen ends with the turn-end token.
+    """(prompt_ids, chosen_ids) exactly as SFT saw them and drafting builds them (cope_local.train.data)."""
+    from cope_local.train.data import encode_row
 
-    Delegates to cope_local.train.data (the SFT stage's encoder) so that SFT,
-    negatives and DPO see the same ids as `cope draft`.
-    """
-    try:
-        from cope_local.train.data import encode_row
-    except ImportError:  # TEMPORARY until data.py lands
-        encode_row = _fallback_encode_row
     return encode_row(row, dec.model, dec.chat_template, cfg)
-
-
-def _fallback_encode_row(row, model, template, cfg):  # TEMPORARY until data.py lands
-    from cope_local.decode.prompt import render_chat, with_bos
-
-    if "prompt_ids" in row and "target_ids" in row:
-        return list(row["prompt_ids"]), list(row["target_ids"])
-    bos = model.piece(model.bos_id, special=True).decode("utf-8", "replace") if model.bos_id >= 0 else ""
-    text = render_chat(row["messages"], template, bos_token=bos)
-    prompt = with_bos(model.tokenize(text), model.bos_id, model.add_bos)[-cfg.max_prompt_tokens:]
-    target = model.tokenize(row["target"], special=False)[: cfg.max_target_tokens]
-    return prompt, target + [_fallback_turn_end(model, template)]
-
-
-def _fallback_turn_end(model, template):  # TEMPORARY until data.py lands
-    from cope_local.decode.prompt import render_chat
-
-    text = render_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "Zq"}], template,
-                       add_generation_prompt=False)
-    tail = text[text.rindex("Zq") + 2:]
-    for tok in model.tokenize(tail):
-        if tok in model.eog_ids:
-            return tok
-    return model.eos_id
 
 
 # -- scoring ---------------------------------------------------------------------------------------
@@ -203,7 +175,11 @@ def negatives_for_item(dec, index: int, row: dict, cfg: TrainConfig, turn_end: i
         seed = sample_seed(cfg.seed, index, k)
         gen = dec.generate(prompt_ids, GenConfig(mode="base", temperature=cfg.neg_temperature, top_p=cfg.neg_top_p,
                                                  seed=seed, max_tokens=cfg.neg_max_tokens))
-        ids = list(gen.tokens) + [turn_end]  # ends like the chosen text: the turn is over
+        # the turn ends only where the amateur ended it; a text cut at neg_max_tokens gets no end-of-turn
+        # (the rule data.py applies to cut targets: no model should learn to stop mid-sentence)
+        ids = list(gen.tokens) + ([turn_end] if gen.stop_reason == "eos" else [])
+        if not ids:  # nothing sampled and no end (neg_max_tokens = 0): score the bare end of turn
+            ids = [turn_end]
         s = _sums(dec, prompt_ids + ids, n_p)
         cand = {"seed": seed, "text": gen.text, "ids": ids, "stop_reason": gen.stop_reason, **s}
         cand["reward"] = reward(s, with_prompt=with_prompt)
@@ -281,10 +257,7 @@ def _is_complete(out_path: Path, fp: str, wanted: dict[str, str]) -> bool:
 def run_negatives(pairs_path, base_gguf, user_adapter_gguf, out_path, cfg: TrainConfig, *, tam_gguf=None) -> Path:
     """pairs.jsonl -> negatives.jsonl: K amateur samples per pair, scored; the lowest reward is `rejected_ids`."""
     from cope_local.decode import Decoder
-    try:
-        from cope_local.train.data import turn_end_id
-    except ImportError:  # TEMPORARY until data.py lands
-        turn_end_id = _fallback_turn_end
+    from cope_local.train.data import turn_end_id
 
     out_path = Path(out_path)
     rows = read_pairs(pairs_path)

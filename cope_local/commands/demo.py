@@ -1,0 +1,5 @@
+"""`cope demo` (placeholder while written)."""
+
+
+def register(sub) -> None:
+    pass

@@ -1,0 +1,417 @@
+"""LoRA SFT (the TAM and the OPPU user adapter) in a plain torch loop that resumes exactly.
+
+Why not HF Trainer: a resumed Trainer run replays its data order from the
+sampler's seed and its own RNG bookkeeping; a plain loop that saves
+everything it uses (LoRA weights, AdamW state, LR schedule, torch/numpy/python
+RNG, step, the data order and the micro-batch size) ends with bit-identical
+weights after a SIGKILL and a rerun (tests/test_train_sft.py kills a real
+subprocess mid-run). Checkpoints are written atomically every
+cfg.checkpoint_every optimizer steps and on Ctrl-C / SIGTERM (after the step
+in progress; a second Ctrl-C stops at once and the last checkpoint stays).
+
+Loss: token-mean cross-entropy over the target tokens of an optimizer batch
+(prompt tokens carry no loss); logits are computed for target positions only,
+which saves the vocab-sized matmul and memory for every prompt token. Padding
+is on the right and needs no attention mask: causal attention never lets a
+real token see the pads after it. The linear LR decay and gradient clipping
+at 1.0 are HF Trainer's defaults, which the paper's code used.
+
+A loss watchdog stops a diverging run: when the smoothed loss exceeds
+cfg.watchdog_factor x its early value (or is not finite) it raises CopeError.
+
+When a TAM is given its peft folder is merged into the base weights in
+memory first, so the user adapter learns on top of the task model, exactly
+the stack the decoder runs (base + TAM + user).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cope_local.errors import CopeError
+from cope_local.paths import atomic_path, atomic_write_text
+from cope_local.train.config import LoraSpec, TrainConfig
+
+SFT_CODE_VERSION = 1  # bump when the training math changes: old checkpoints are not resumed
+MAX_GRAD_NORM = 1.0  # HF Trainer's default clipping (the paper's setup)
+WATCH_WARMUP = 5  # steps whose mean loss is the watchdog's reference
+WATCH_EMA = 0.8  # smoothing of the watched loss (one noisy batch must not stop a run)
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class SftResult:
+    adapter_dir: Path  # peft adapter folder (adapter_config.json + adapter_model.safetensors)
+    label: str  # "sft" or "tam"
+    examples: int  # training pairs
+    steps: int  # optimizer steps in the run (all of them, resumed or not)
+    batch_size: int  # examples per optimizer step
+    micro_batch_tokens: int  # padded tokens per forward pass
+    losses: list = field(repr=False)  # per optimizer step
+    seconds: float = 0.0  # wall time of this process's share of the training
+    resumed_from: int = 0  # step the run continued from (0: fresh)
+    device: str = ""
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d["adapter_dir"] = str(self.adapter_dir)
+        d["loss_first"] = self.losses[0] if self.losses else None
+        d["loss_last"] = float(np.mean(self.losses[-max(1, len(self.losses) // 10):])) if self.losses else None
+        return d
+
+
+# ---- data order ----------------------------------------------------------------------------------
+
+def data_order(n: int, epochs: float, seed: int) -> list[int]:
+    """Example indices for the whole run: one seeded permutation per epoch, cut at n * epochs."""
+    if n <= 0:
+        return []
+    rng = np.random.default_rng([seed, 1717])  # its own stream: independent of LoRA init and sampling
+    full = math.ceil(max(epochs, 0.0))
+    order = np.concatenate([rng.permutation(n) for _ in range(max(1, full))])
+    return [int(i) for i in order[: max(1, round(n * epochs))]]
+
+
+def total_steps(n_order: int, batch_size: int, max_steps: int | None) -> int:
+    steps = math.ceil(n_order / max(1, batch_size))
+    return min(steps, max_steps) if max_steps else steps
+
+
+# ---- progress ------------------------------------------------------------------------------------
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (logs, tests) a line every ~10 %, with ETA and loss."""
+
+    def __init__(self, label: str, total: int, initial: int = 0, enabled: bool = True):
+        self.label, self.total, self.done = label, total, initial
+        self.t0, self.start = time.monotonic(), initial
+        self.enabled = enabled
+        self.bar = None
+        self.every = max(1, total // 10)
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=label, unit="step", file=sys.stderr,
+                            dynamic_ncols=True, leave=True)
+
+    def update(self, done: int, loss: float) -> None:
+        self.done = done
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+            self.bar.update(done - self.bar.n)
+        elif self.enabled and (done % self.every == 0 or done == self.total):
+            rate = (done - self.start) / max(1e-9, time.monotonic() - self.t0)
+            eta = (self.total - done) / rate if rate > 0 else float("nan")
+            print(f"{self.label}: step {done}/{self.total}  loss {loss:.3f}  {rate:.2f} steps/s  "
+                  f"ETA {_fmt_s(eta)}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_s(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 60}:{s % 60:02d}"
+
+
+# ---- stop requests ------------------------------------------------------------------------------
+
+class StopRequests:
+    """Ctrl-C / SIGTERM ask the loop to stop after the current step; a second Ctrl-C stops at once."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.requested = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{self.label}: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def run_key(pairs_sha: str, spec: LoraSpec, batch_size: int, cfg: TrainConfig, base_fp: str, tam_sha: str | None,
+            label: str) -> str:
+    """What a checkpoint is valid for: same data, settings, base and TAM, or it is not resumed."""
+    data = {"v": SFT_CODE_VERSION, "pairs": pairs_sha, "spec": asdict(spec), "batch": batch_size, "seed": cfg.seed,
+            "max_steps": cfg.max_steps, "base": base_fp, "tam": tam_sha, "label": label}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:24]
+
+
+def file_sha(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_sha(folder: str | os.PathLike) -> str:
+    """Hash of a peft adapter folder's config and weights."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        p = folder / name
+        if p.exists():
+            h.update(name.encode() + file_sha(p).encode())
+    return h.hexdigest()
+
+
+def _batch_tensors(examples, idx: list[int], device):
+    """Right-padded ids of the chosen examples and the flat positions/labels of their target tokens.
+
+    -> ids (B, L) long; rows (N,), cols (N,) where hidden[rows, cols] predicts labels (N,)
+    """
+    import torch
+
+    seqs = [examples[i].prompt_ids + examples[i].target_ids for i in idx]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)  # pad id is irrelevant: pads come after every real token
+    rows, cols, labels = [], [], []
+    for b, i in enumerate(idx):
+        seq = seqs[b]
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        n_p = len(examples[i].prompt_ids)
+        for t in range(n_p, len(seq)):  # position t-1 predicts token t
+            rows.append(b)
+            cols.append(t - 1)
+            labels.append(seq[t])
+    as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return ids.to(device), as_t(rows), as_t(cols), as_t(labels)
+
+
+def _lora_model(base_gguf, spec: LoraSpec, plan, seed: int, tam_peft: Path | None):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from cope_local.train.hf import load_base, offline
+
+    model, tokenizer = load_base(base_gguf, plan.torch_dtype())
+    if tam_peft is not None:
+        with offline():
+            model = PeftModel.from_pretrained(model, str(tam_peft)).merge_and_unload()  # base + TAM, in memory
+    model.config.use_cache = False
+    torch.manual_seed(seed)  # LoRA A init draws from torch's global RNG
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets),
+                        lora_dropout=spec.dropout, bias="none", task_type="CAUSAL_LM")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename, via peft
+            model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise CopeError(f"LoRA targets {list(spec.targets)}: {exc}; set targets to module names of this model "
+                        "(e.g. q_proj, v_proj)") from None
+    model.to(plan.device)
+    return model, tokenizer
+
+
+def _trainable(model) -> list:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, base_gguf: str | os.PathLike,
+               spec: LoraSpec, batch_size: int, cfg: TrainConfig, work_dir: str | os.PathLike | None = None,
+               tam_peft: str | os.PathLike | None = None, label: str = "sft", progress: bool = True) -> SftResult:
+    """pairs.jsonl -> a peft LoRA folder at `out_dir`, resuming from `work_dir`/checkpoint.pt if it fits."""
+    import torch
+
+    from cope_local.binding import base_fingerprint
+    from cope_local.train.data import read_pairs
+    from cope_local.train.device import choose_device, micro_batch_tokens, micro_batches
+
+    t_start = time.monotonic()
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ckpt_path = work / CHECKPOINT
+    examples = read_pairs(pairs_path)
+    if not examples:
+        raise CopeError(f"{pairs_path}: no training pairs; add history to the profile and run again")
+    if batch_size < 1 or spec.lr <= 0 or spec.epochs <= 0:
+        raise CopeError(f"{label}: batch size {batch_size}, lr {spec.lr}, epochs {spec.epochs}: all must be positive")
+    tam_peft = Path(tam_peft) if tam_peft else None
+    key = run_key(file_sha(pairs_path), spec, batch_size, cfg, base_fingerprint(base_gguf),
+                  dir_sha(tam_peft) if tam_peft else None, label)
+
+    plan = choose_device(cfg.device)
+    state = None
+    if ckpt_path.exists():
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file, written below
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means: start over
+            print(f"{label}: checkpoint unreadable ({type(exc).__name__}); starting over", file=sys.stderr)
+            state = None
+        if state is not None and state.get("key") != key:
+            print(f"{label}: checkpoint is from other data or settings; starting over", file=sys.stderr)
+            state = None
+
+    model, _tok = _lora_model(base_gguf, spec, plan, cfg.seed, tam_peft)
+    params = _trainable(model)
+    optim = torch.optim.AdamW([p for _, p in params], lr=spec.lr, weight_decay=0.0)
+    order = data_order(len(examples), spec.epochs, cfg.seed)
+    steps = total_steps(len(order), batch_size, cfg.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: max(0.0, 1.0 - s / steps))
+    scaler = torch.amp.GradScaler(plan.kind) if plan.scaler else None
+    losses: list[float] = []
+    watch = {"ref": None, "ema": None}
+    step = 0
+    if state is not None:
+        with torch.no_grad():
+            for (name, p) in params:
+                p.copy_(state["lora"][name].to(p.device))
+        optim.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        order, steps, micro_tokens = state["order"], state["steps"], state["micro_tokens"]
+        losses, watch, step = list(state["losses"]), dict(state["watch"]), int(state["step"])
+        print(f"{label}: resuming at step {step}/{steps}", file=sys.stderr)
+    else:
+        micro_tokens = micro_batch_tokens(plan, model.config, cfg.batch_tokens)
+    resumed_from = step
+    if progress:
+        print(f"{label}: {len(examples)} examples, {steps} steps of {batch_size} on {plan.describe()}, "
+              f"micro-batches of <= {micro_tokens} tokens", file=sys.stderr)
+
+    def save_checkpoint() -> None:
+        payload = {
+            "key": key, "step": step, "steps": steps, "order": order, "micro_tokens": micro_tokens,
+            "lora": {n: p.detach().to("cpu").clone() for n, p in params},
+            "optim": optim.state_dict(), "sched": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "losses": losses, "watch": watch,
+        }
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(payload, tmp)
+
+    bar = Progress(label, steps, step, enabled=progress)
+    decoder = model.get_base_model().get_decoder()  # the transformer stack (LoRA layers inside)
+    head = model.get_base_model().get_output_embeddings()  # lm_head
+    model.train()
+    try:
+        with StopRequests(label) as stop:
+            while step < steps:
+                batch = order[step * batch_size:(step + 1) * batch_size]
+                n_target = sum(len(examples[i].target_ids) for i in batch)
+                loss_sum = 0.0
+                for part in micro_batches([examples[i].length for i in batch], micro_tokens):
+                    idx = [batch[j] for j in part]
+                    ids, rows, cols, labels = _batch_tensors(examples, idx, plan.device)
+                    with plan.autocast():
+                        hidden = decoder(input_ids=ids).last_hidden_state  # (B, L, H)
+                        logits = head(hidden[rows, cols]).float()  # (N, V): target positions only
+                    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+                    (scaler.scale(loss / n_target) if scaler else loss / n_target).backward()
+                    loss_sum += float(loss.detach())
+                if scaler is not None:
+                    scaler.unscale_(optim)
+                torch.nn.utils.clip_grad_norm_([p for _, p in params], MAX_GRAD_NORM)
+                if scaler is not None:
+                    scaler.step(optim)
+                    scaler.update()
+                else:
+                    optim.step()
+                sched.step()
+                optim.zero_grad(set_to_none=True)
+                step += 1
+                value = loss_sum / n_target
+                losses.append(value)
+                _watchdog(label, value, watch, step, cfg.watchdog_factor, spec)
+                bar.update(step, value)
+                if stop.requested:
+                    save_checkpoint()
+                    raise KeyboardInterrupt
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+                    save_checkpoint()
+    except KeyboardInterrupt:
+        bar.close()  # before the message, so it is not drawn over
+        print(f"{label}: stopped at step {step}/{steps}; run the same command again to resume", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+
+    result = SftResult(out_dir, label, len(examples), steps, batch_size, micro_tokens, losses,
+                       time.monotonic() - t_start, resumed_from, plan.describe())
+    save_adapter(model, out_dir, result.summary())
+    atomic_write_text(work / SUMMARY, json.dumps(result.summary(), indent=1) + "\n")
+    ckpt_path.unlink(missing_ok=True)
+    return result
+
+
+def _watchdog(label: str, loss: float, watch: dict, step: int, factor: float, spec: LoraSpec) -> None:
+    if not math.isfinite(loss):
+        raise CopeError(f"{label}: the loss became {loss} at step {step}; training diverged. Lower the learning "
+                        f"rate (now {spec.lr}) with --set {'tam' if label == 'tam' else 'user'}.lr=... and train again")
+    watch["ema"] = loss if watch["ema"] is None else WATCH_EMA * watch["ema"] + (1 - WATCH_EMA) * loss
+    if step <= WATCH_WARMUP:
+        watch.setdefault("early", [])
+        watch["early"] = list(watch["early"]) + [loss]
+        if step == WATCH_WARMUP:
+            watch["ref"] = float(np.mean(watch["early"]))
+        return
+    if watch["ref"] and factor and watch["ema"] > factor * watch["ref"]:
+        raise CopeError(f"{label}: training diverged at step {step}: smoothed loss {watch['ema']:.3f} is more than "
+                        f"{factor:g}x its early value {watch['ref']:.3f}. Lower the learning rate (now {spec.lr}) with "
+                        f"--set {'tam' if label == 'tam' else 'user'}.lr=... and train again")
+
+
+def save_adapter(model, out_dir: Path, summary: dict | None = None) -> Path:
+    """peft save_pretrained into a temp folder, then renamed into place: `out_dir` is whole or absent."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        if summary is not None:
+            (tmp / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o600)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
