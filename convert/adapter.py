@@ -18,7 +18,8 @@ from pathlib import Path
 
 from convert.gguf_io import OUTTYPES, PlannedTensor, out_qtype, write_gguf
 from convert.lora import read_peft_lora, to_gguf_layout
-from cope_local.binding import binding_metadata, read_header
+from cope_local.binding import binding_metadata
+from cope_local.gguf_file import read_header
 from cope_local.errors import CopeError
 
 
@@ -45,6 +46,8 @@ def export_adapter(peft_dir: str | os.PathLike, base_gguf: str | os.PathLike, ou
     t0 = time.perf_counter()
     if outtype not in OUTTYPES:
         raise CopeError(f"unknown --outtype {outtype!r}; use one of: {', '.join(OUTTYPES)}")
+    if Path(out).resolve() == Path(base_gguf).resolve():
+        raise CopeError(f"{out}: is the base model itself; write the adapter to another file")
     base = read_header(base_gguf, what="base model")
     if base.is_adapter:
         raise CopeError(f"{base.path}: is a LoRA adapter, not a base model; give the base GGUF the adapter was trained on with --base")
@@ -74,7 +77,7 @@ def export_adapter(peft_dir: str | os.PathLike, base_gguf: str | os.PathLike, ou
         for suffix, arr in ((".lora_a", a), (".lora_b", b)):
             planned.append(PlannedTensor(target + suffix, tuple(arr.shape), out_qtype(arr.shape, outtype, target),
                                          (lambda arr=arr: arr)))
-    path = write_gguf(out, base.architecture, kv, planned, check=_verify_written)
+    path = write_gguf(out, base.architecture, kv, planned, check=_verify_written, mode=0o600)  # derived from private text
     return AdapterExport(
         path=path,
         architecture=base.architecture,

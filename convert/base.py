@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from convert.arch import gguf_name, permute_rows, spec_for, spec_for_hf
-from convert.gguf_io import OUTTYPES, PlannedTensor, TensorSource, copy_kv, out_qtype, write_gguf
+from convert.gguf_io import OUTTYPES, PlannedTensor, TensorSource, copy_kv, decode_raw, out_qtype, write_gguf
 from convert.lora import read_peft_lora, to_gguf_layout
-from cope_local.binding import KEY_SOURCE_FP, KEY_SOURCE_NAME, fingerprint_info, read_header
+from cope_local.binding import KEY_SOURCE_FP, KEY_SOURCE_NAME, fingerprint_info
+from cope_local.gguf_file import read_header
 from cope_local.errors import CopeError
 
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
@@ -49,8 +50,13 @@ class BaseExport:
 
 
 def export_base(source: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f32",
-                merge_adapter: str | os.PathLike | None = None, name: str | None = None) -> BaseExport:
-    """Write a base GGUF at `out` (atomically) from a GGUF file or a transformers folder."""
+                merge_adapter: str | os.PathLike | None = None, name: str | None = None,
+                tokenizer_from: str | os.PathLike | None = None) -> BaseExport:
+    """Write a base GGUF at `out` (atomically) from a GGUF file or a transformers folder.
+
+    tokenizer_from (folder sources only): copy the tokenizer.* metadata of this GGUF instead of
+    rebuilding it (for a folder that came from that GGUF); still verified against transformers.
+    """
     t0 = time.perf_counter()
     if outtype not in OUTTYPES:
         raise CopeError(f"unknown --outtype {outtype!r}; use one of: {', '.join(OUTTYPES)}")
@@ -60,7 +66,9 @@ def export_base(source: str | os.PathLike, out: str | os.PathLike, *, outtype: s
     if Path(out).resolve() == source.resolve():
         raise CopeError(f"{out}: is the source itself; write to another file")
     if source.is_dir():
-        result = _from_hf_folder(source, Path(out), outtype, merge_adapter, name)
+        result = _from_hf_folder(source, Path(out), outtype, merge_adapter, name, tokenizer_from)
+    elif tokenizer_from is not None:
+        raise CopeError(f"{source}: --tokenizer-from applies to transformers folders; a GGUF source keeps its own tokenizer")
     else:
         result = _from_gguf(source, Path(out), outtype, merge_adapter, name)
     result.seconds = time.perf_counter() - t0
@@ -115,7 +123,8 @@ def _from_gguf(src: Path, out: Path, outtype: str, merge: str | os.PathLike | No
         for tname, t in hdr.tensors.items():
             shape = tuple(reversed(t.shape))
             planned.append(PlannedTensor(tname, shape, out_qtype(shape, outtype, tname), _producer(reader, tname, layout)))
-        path = write_gguf(out, hdr.architecture, kv, planned, check=lambda tmp: read_header(tmp, what="base model"))
+        path = write_gguf(out, hdr.architecture, kv, planned, check=lambda tmp: read_header(tmp, what="base model"),
+                          mode=0o600 if layout is not None else 0o644)  # a merged LoRA carries what it learned from private text
     finally:
         reader.close()
     notes = [f"merged {len(layout.pairs)} LoRA pairs"] + layout.notes if layout else []
@@ -243,8 +252,7 @@ _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
 _SKIP_PARTS = ("vision_tower", "multi_modal_projector", "vision_model")
 
 
-def _from_hf_folder(folder: Path, out: Path, outtype: str, merge, name: str | None) -> BaseExport:
-    import torch  # noqa: F401  (safetensors' pt framework; bf16 weights)
+def _from_hf_folder(folder: Path, out: Path, outtype: str, merge, name: str | None, tokenizer_from=None) -> BaseExport:
     from safetensors import safe_open
 
     from convert.vocab import find_pre, is_byte_level, load_tokenizer, verify_tokenizer, write_vocab
@@ -301,16 +309,25 @@ def _from_hf_folder(folder: Path, out: Path, outtype: str, merge, name: str | No
     vocab_size = int(cfg.get("vocab_size") or next(t.shape[0] for t in planned if t.name == "token_embd.weight"))
     tok = load_tokenizer(folder)
     state = {}
+    tok_src = read_header(tokenizer_from, what="tokenizer source") if tokenizer_from is not None else None
+    if tok_src is not None:
+        n_tok = len(decode_raw(*tok_src.raw["tokenizer.ggml.tokens"])[0]) if "tokenizer.ggml.tokens" in tok_src.raw else 0
+        if n_tok != vocab_size:
+            raise CopeError(f"{tokenizer_from}: has {n_tok} tokens but {folder} has {vocab_size} embedding rows; give the GGUF this model came from")
 
     def header_kv(w, pre) -> None:
         w.add_name(name or str(cfg.get("_name_or_path") or folder.name))
         _hparams_kv(w, cfg, arch, n_layers, head_dim)
         w.add_file_type(_FILE_TYPE[outtype])
         w.add_quantization_version(2)
-        state.update(write_vocab(w, folder, arch, vocab_size, pre=pre, tok=tok))
+        if tok_src is not None:
+            copy_kv(w, tok_src, skip=lambda k: not k.startswith("tokenizer."))
+            state.update({"tokenizer": tok, "kind": f"copied from {Path(tokenizer_from).name}"})
+        else:
+            state.update(write_vocab(w, folder, arch, vocab_size, pre=pre, tok=tok))
 
     pre = None
-    if is_byte_level(folder):
+    if tok_src is None and is_byte_level(folder):
         def probe_file(cand: str) -> Path:  # vocab-only GGUF (no tensors) for llama.cpp to tokenize with
             probe = out.parent / f".{out.name}.vocab-{cand}.gguf"
             return write_gguf(probe, arch, lambda w: header_kv(w, cand), [])
@@ -326,7 +343,11 @@ def _from_hf_folder(folder: Path, out: Path, outtype: str, merge, name: str | No
         read_header(tmp, what="base model")
         verify_tokenizer(tmp, state["tokenizer"], folder)
 
-    path = write_gguf(out, arch, kv, planned, check=check)
+    try:
+        path = write_gguf(out, arch, kv, planned, check=check, mode=0o600 if lora is not None else 0o644)
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
     notes = [f"tokenizer: {state.get('kind')}, verified against transformers"]
     if lora is not None:
         notes.append(f"merged {len(lora.modules)} LoRA modules")

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from cope_local import binding
-from cope_local.binding import GGUFHeader, read_header
+from cope_local.gguf_file import GGUFHeader, read_header
 from cope_local.errors import CopeError
 
 

@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     b.add_argument("--merge-adapter", metavar="PEFT_DIR", help="merge this peft LoRA into the weights first")
     b.add_argument("--outtype", choices=OUTTYPE_CHOICES, default="f32", help="tensor type (default f32)")
     b.add_argument("--name", help="general.name of the new file")
+    b.add_argument("--tokenizer-from", metavar="GGUF", help="(folder sources) copy the tokenizer metadata of this GGUF, e.g. the one the folder came from")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(func=_base)
 
@@ -78,7 +79,8 @@ def _base(args: argparse.Namespace) -> int:
 
     source = args.source if Path(args.source).is_dir() else _model_path(args.source)
     print(f"exporting {source} -> {args.output} ...", file=sys.stderr)
-    r = export_base(source, args.output, outtype=args.outtype, merge_adapter=args.merge_adapter, name=args.name)
+    r = export_base(source, args.output, outtype=args.outtype, merge_adapter=args.merge_adapter, name=args.name,
+                    tokenizer_from=_model_path(args.tokenizer_from) if args.tokenizer_from else None)
     data = {"path": str(r.path), "architecture": r.architecture, "source": r.source_kind, "merged": r.merged,
             "tensors": r.n_tensors, "bytes": r.bytes, "seconds": round(r.seconds, 2), "notes": r.notes}
     text = (f"wrote {r.path} ({r.bytes / 1e6:.1f} MB, {r.architecture}, {r.n_tensors} tensors, {args.outtype}"

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from cope_local.binding import GGUFHeader, read_header
+from cope_local.gguf_file import GGUFHeader
 from cope_local.errors import CopeError
 from cope_local.paths import atomic_path
 
@@ -150,7 +150,7 @@ def _nbytes(shape: tuple, qtype) -> int:
 
 
 def write_gguf(out: str | os.PathLike, arch: str, kv: Callable, tensors: Iterable[PlannedTensor],
-               *, check: Callable[[Path], None] | None = None) -> Path:
+               *, check: Callable[[Path], None] | None = None, mode: int = 0o644) -> Path:
     """Stream a GGUF to `out` atomically.
 
     kv(writer) adds the key/values; each tensor's `produce()` runs once, in
@@ -161,7 +161,7 @@ def write_gguf(out: str | os.PathLike, arch: str, kv: Callable, tensors: Iterabl
 
     tensors = list(tensors)
     out = Path(out)
-    with atomic_path(out, mode=0o644) as tmp:
+    with atomic_path(out, mode=mode) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         try:
             kv(writer)
@@ -182,7 +182,3 @@ def write_gguf(out: str | os.PathLike, arch: str, kv: Callable, tensors: Iterabl
         if check is not None:
             check(tmp)
     return out
-
-
-def open_source(path: str | os.PathLike, what: str) -> GGUFHeader:
-    return read_header(path, what=what)

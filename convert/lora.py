@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.arch import EMBEDDING_MODULES, EMBEDDING_TENSORS, gguf_name, head_counts, permute_rows, spec_for
-from cope_local.binding import GGUFHeader
+from cope_local.gguf_file import GGUFHeader
 from cope_local.errors import CopeError
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
@@ -100,12 +100,15 @@ def read_peft_lora(peft_dir: str | os.PathLike) -> PeftLora:
         raise CopeError(f"{cfg_path}: LoRA on {', '.join(bad)} (embeddings / lm_head) cannot be exported as a llama.cpp LoRA; "
                         f"retrain with target_modules on attention/MLP projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
     tensors = _load_tensors(folder)
+    for key in tensors:  # embeddings first: peft also saves their full weights, which would hide the cause
+        parts = set(key.split("."))
+        if "lora_embedding_A" in parts or "lora_embedding_B" in parts or parts & set(EMBEDDING_MODULES):
+            raise CopeError(f"{folder}: holds LoRA or full weights for the embeddings / lm_head ({key}); llama.cpp cannot apply them "
+                            f"as a LoRA, retrain without embed_tokens / lm_head in target_modules")
     pairs: dict = {}
     for key, arr in tensors.items():
         m = _LORA_KEY.match(key)
         if not m:
-            if "lora_embedding" in key:
-                raise CopeError(f"{folder}: holds an embedding LoRA ({key}); llama.cpp cannot apply it, retrain without embed_tokens in target_modules")
             if "lora_magnitude_vector" in key:
                 raise CopeError(f"{folder}: holds DoRA magnitudes ({key}); llama.cpp cannot apply DoRA, retrain with use_dora=False")
             raise CopeError(f"{folder}: tensor {key} is not a LoRA A/B matrix (full weights or trainable tokens); "

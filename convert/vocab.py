@@ -96,6 +96,45 @@ def find_pre(tok, folder: Path, write_probe_file) -> str:
                     f"{', '.join(dict.fromkeys(KNOWN_PRE.values()))} splits text the same way; export from the model's original GGUF instead")
 
 
+def _spm_from_bpe_json(tj: dict) -> tuple[list, list, list]:
+    """SentencePiece-style vocab (tokens, scores, types) from a byte-fallback BPE tokenizer.json.
+
+    llama.cpp's SPM tokenizer merges the adjacent pair whose merged token has the highest
+    score; BPE merges by rank. Scoring each token -(rank of the merge that makes it) gives the
+    same order (gguf's LlamaHfVocab scores everything -1000, which ties every merge).
+    """
+    import gguf
+
+    model = tj["model"]
+    vocab = model["vocab"]
+    rank = {}
+    for i, m in enumerate(model.get("merges") or []):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, i)
+    added = {t["id"]: t for t in tj.get("added_tokens", [])}
+    vocab_ids = set(vocab.values())
+    n = max(list(vocab.values()) + list(added)) + 1
+    tokens, scores, types = [b""] * n, [0.0] * n, [gguf.TokenType.UNUSED] * n
+    unk = model.get("unk_token")
+    for text, i in vocab.items():
+        tokens[i] = text.encode("utf-8")
+        scores[i] = -float(rank[text] + 1) if text in rank else 0.0
+        if text == unk:
+            types[i] = gguf.TokenType.UNKNOWN
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types[i] = gguf.TokenType.BYTE
+        else:
+            types[i] = gguf.TokenType.NORMAL
+    for i, t in added.items():
+        tokens[i] = t["content"].encode("utf-8")
+        scores[i] = -1000.0 if i not in vocab_ids else scores[i]
+        types[i] = gguf.TokenType.CONTROL if t.get("special") or _looks_special(t["content"]) else gguf.TokenType.USER_DEFINED
+    for i in range(n):
+        if not tokens[i]:
+            tokens[i] = f"[PAD{i}]".encode()
+    return tokens, scores, types
+
+
 def write_vocab(w, folder: Path, arch: str, vocab_size: int, pre: str | None = None, tok=None) -> dict:
     """Add the tokenizer.* keys for the model in `folder`; return {'tokenizer': tok, 'kind': ...} for verification."""
     import gguf
@@ -111,14 +150,18 @@ def write_vocab(w, folder: Path, arch: str, vocab_size: int, pre: str | None = N
     if byte_fallback:
         kind = "llama"
         if (folder / "tokenizer.model").exists():
-            vocab = gguf.SentencePieceVocab(folder)
+            tokens, scores, types = [], [], []
+            for text, score, ttype in gguf.SentencePieceVocab(folder).all_tokens():
+                tokens.append(text)
+                scores.append(score)
+                types.append(ttype)
         else:
-            vocab = gguf.LlamaHfVocab(folder)
-        tokens, scores, types = [], [], []
-        for text, score, ttype in vocab.all_tokens():
-            tokens.append(text)
-            scores.append(score)
-            types.append(ttype)
+            tokens, scores, types = _spm_from_bpe_json(tj)
+        present = set(tokens)
+        missing = [i for i in range(256) if f"<0x{i:02X}>".encode() not in present]
+        if missing:  # llama.cpp's SPM loader aborts the process (uncaught C++ exception) without them
+            raise CopeError(f"{folder}: SentencePiece-style tokenizer lacks byte tokens such as <0x{missing[0]:02X}>, which llama.cpp "
+                            f"needs; export from the model's original GGUF instead (or pass --tokenizer-from BASE.gguf)")
         if len(tokens) > vocab_size:
             raise CopeError(f"{folder}: tokenizer has {len(tokens)} tokens but the model only {vocab_size}; the folder mixes two models")
         for i in range(len(tokens), vocab_size):

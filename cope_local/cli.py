@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "cope_local.commands.profile",  # cope profile create|list|show|path|delete (train: commands/train.py)
     "cope_local.commands.train",  # cope profile train, cope tam train
     "cope_local.commands.demo",  # cope demo
+    "cope_local.commands.tui",  # cope tui
     "convert.cli",  # cope convert adapter|base|check
 ]
 

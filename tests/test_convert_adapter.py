@@ -62,6 +62,7 @@ def test_adapter_metadata_and_binding(smol_adapter, convert_f32, default_model):
     assert "blk.0.attn_q.weight.lora_a" in names and "blk.29.ffn_down.weight.lora_b" in names
     a, b = hdr.tensors["blk.0.attn_k.weight.lora_a"], hdr.tensors["blk.0.attn_k.weight.lora_b"]
     assert a.shape == (576, 8) and b.shape == (8, 192)  # GGUF order (ne0, ne1): A is (r, in), B is (out, r)
+    assert smol_adapter.path.stat().st_mode & 0o777 == 0o600  # learned from private text
     assert binding.check_binding(smol_adapter.path, convert_f32).status == "match"
     assert binding.check_binding(smol_adapter.path, default_model).status == "match"  # same lineage (F32 re-encoding)
 

@@ -227,3 +227,97 @@ def test_cli_base_and_check(convert_dir, convert_f32, capsys):
     assert "re-encoded" in text and "FITS" in text
     assert main(["convert", "check", str(out)]) == 0
     assert len(capsys.readouterr().out.splitlines()) < 25  # one screen
+
+
+def test_loaded_model_is_plain_float_trainable_and_saveable(convert_smol, tmp_path):
+    """load_hf_model clears transformers' 'GGUF-quantized' marks, which make Trainer and save_pretrained refuse."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    model = convert_smol.model
+    assert getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))  # refuses quantized models
+    assert (convert_smol.hf_dir / "model.safetensors").exists()  # save_pretrained worked (session fixture)
+
+
+_SPM_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Émilie a écrit un poème, naïve café. Привет мир. 日本語のテキスト. "
+    "def f(x):\n    return {'a': [1, 2, 3]}  # code\n\tif x >= 10_000: pass\n"
+    "Writing is rewriting; a letter, a review, a headline, an abstract. Numbers 3 33 333 3333. "
+) * 30
+
+
+def _spm_style_tokenizer(with_byte_tokens: bool = True):
+    """A tiny SentencePiece-style BPE (byte fallback, ▁ for spaces) like Llama 2 / Gemma, trained offline."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.normalizer = norm
+    tk.train_from_iterator([_SPM_TEXT], trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    vocab, merges = tk.get_vocab(), json.loads(tk.to_str())["model"]["merges"]
+    ordered = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    if with_byte_tokens:
+        for i in range(256):
+            ordered[f"<0x{i:02X}>"] = len(ordered)
+    for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
+        ordered.setdefault(t, len(ordered))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
+    tk = Tokenizer(models.BPE(vocab=ordered, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tk.normalizer = norm
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _tiny_llama_folder(folder, tok):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+def test_sentencepiece_style_tokenizer_round_trip(tmp_path, convert_llama_logprobs):
+    tok = _spm_style_tokenizer()
+    model = _tiny_llama_folder(tmp_path / "spm", tok)
+    res = export_base(tmp_path / "spm", tmp_path / "spm.gguf")  # raises unless llama.cpp tokenizes the probes identically
+    hdr = binding.read_header(res.path)
+    assert hdr.get("tokenizer.ggml.model") == "llama" and hdr.get("tokenizer.ggml.add_bos_token") is True
+    want = [list(tok(t)["input_ids"]) for t in TOKEN_PROBES]
+    assert llama_tokenize(res.path, TOKEN_PROBES, add_special=True) == want
+    assert any(3 <= i < 259 for ids in want for i in ids)  # byte fallback was exercised (emoji, CJK)
+    import torch
+
+    ids = want[:3]
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(torch.tensor([i])).logits[0].double(), -1).numpy() for i in ids]
+    assert gap(convert_llama_logprobs(res.path, ids), ref) < 0.02
+
+
+def test_sentencepiece_style_tokenizer_without_byte_tokens_is_refused(tmp_path):
+    tok = _spm_style_tokenizer(with_byte_tokens=False)
+    _tiny_llama_folder(tmp_path / "nobytes", tok)
+    with pytest.raises(CopeError, match="lacks byte tokens"):  # llama.cpp would abort the process on it
+        export_base(tmp_path / "nobytes", tmp_path / "nobytes.gguf")
+    assert not (tmp_path / "nobytes.gguf").exists()
+
+
+def test_tokenizer_from_copies_the_original_metadata(convert_smol, convert_dir, default_model):
+    res = export_base(convert_smol.hf_dir, convert_dir / "tokfrom.gguf", tokenizer_from=default_model)
+    mine, orig = binding.read_header(res.path), binding.read_header(default_model)
+    assert {k: v for k, v in mine.raw.items() if k.startswith("tokenizer.")} == \
+        {k: v for k, v in orig.raw.items() if k.startswith("tokenizer.")}
+    with pytest.raises(CopeError, match="tokens but"):
+        export_base(convert_smol.hf_dir, convert_dir / "tokfrom2.gguf", tokenizer_from=_write_gguf(convert_dir / "tiny-tok.gguf", "llama"))

@@ -84,12 +84,16 @@ def _ensure_cache(base_gguf: Path):
     folder = cache_dir(base_gguf)
     if (folder / "cope.json").exists():
         return folder, None
+    from transformers.utils import logging as hf_logging
+
     from convert.torch_load import load_hf_model
     from cope_local.binding import read_header
 
     print(f"preparing {base_gguf.name} for training (once; cached in {folder.parent})", file=sys.stderr)
     with _quiet_dequant_bar():
         model, tokenizer = load_hf_model(base_gguf)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bar
     add_bos = read_header(base_gguf, what="base model").get("tokenizer.ggml.add_bos_token")
     folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -107,6 +111,9 @@ def _ensure_cache(base_gguf: Path):
         print(f"note: could not cache the base for training ({exc.strerror or exc}); next run loads the GGUF again",
               file=sys.stderr)
         return None, (model, tokenizer)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return folder, (model, tokenizer)
 
 

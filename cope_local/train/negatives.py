@@ -46,7 +46,7 @@ from cope_local.errors import CopeError
 from cope_local.paths import atomic_path, atomic_write_text
 from cope_local.train.config import TrainConfig
 
-FORMAT = 1  # row layout version: part of the fingerprint
+FORMAT = 2  # row layout and scoring version: part of the fingerprint
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -98,16 +98,49 @@ def encode_pair(dec, row: dict, cfg: TrainConfig) -> tuple[list[int], list[int]]
 
 
 # -- scoring ---------------------------------------------------------------------------------------
-def _sums(dec, ids: list[int], n_prompt: int) -> dict:
-    """Log-prob sums of ids[n_prompt:] (the completion) and of ids[1:n_prompt] (the prompt), expert and amateur."""
-    out = {}
-    for role in ("expert", "amateur"):
-        lp = dec.token_logprobs(ids, 1, role=role)  # (len(ids)-1,): predicts ids[1:]
-        out[f"{role}_prompt_sum"] = float(lp[: n_prompt - 1].sum())
-        out[f"{role}_sum"] = float(lp[n_prompt - 1:].sum())
-    out["n"] = len(ids) - n_prompt
-    out["n_prompt_scored"] = n_prompt - 1
-    return out
+def _logprobs(logits: np.ndarray, targets: list[int]) -> np.ndarray:
+    """log softmax(logits)[i, targets[i]]. (n, V), (n,) -> (n,) float64"""
+    x = logits.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    logz = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
+    return x[np.arange(len(targets)), targets] - logz
+
+
+class PromptScorer:
+    """Log-prob sums of completions after one prompt, expert and amateur, the prompt evaluated once per role.
+
+    Each context keeps prompt[:-1] in its KV cache; a completion is scored by
+    cutting the cache back to it and evaluating [prompt[-1]] + completion[:-1]
+    in one batch. The batches are the ones `Decoder.token_logprobs(ids,
+    len(prompt))` uses, so the numbers equal it exactly (on a Q4 base llama.cpp
+    rounds differently when the same tokens come in other batches, by up to
+    ~0.2 nats on a token); evaluating the prompt once instead of 2(K+1) times
+    makes scoring ~2x faster on short prompts, more on long ones.
+    """
+
+    ROLES = ("expert", "amateur")
+
+    def __init__(self, dec, prompt_ids: list[int]):
+        if len(prompt_ids) < 2:
+            raise CopeError("a training prompt has fewer than 2 tokens; rebuild the pairs file")
+        self.dec, self.prompt = dec, list(prompt_ids)
+        self.prompt_sums = {}
+        for role in self.ROLES:
+            ctx = dec.context(role)
+            ctx.reset()
+            logits = ctx.eval_all_logits(self.prompt[:-1])  # (n_p-1, V): predicts prompt[1:]
+            self.prompt_sums[role] = float(_logprobs(logits, self.prompt[1:]).sum())
+
+    def score(self, completion: list[int]) -> dict:
+        """{expert_sum, amateur_sum, n}: log p(completion | prompt) summed, under each role."""
+        out = {}
+        for role in self.ROLES:
+            ctx = self.dec.context(role)
+            ctx.truncate(len(self.prompt) - 1)
+            logits = ctx.eval_all_logits(self.prompt[-1:] + completion[:-1])  # (n, V): predicts completion
+            out[f"{role}_sum"] = float(_logprobs(logits, completion).sum())
+        out["n"] = len(completion)
+        return out
 
 
 def reward(s: dict, *, with_prompt: bool = False) -> float:
@@ -165,12 +198,8 @@ def negatives_for_item(dec, index: int, row: dict, cfg: TrainConfig, turn_end: i
     from cope_local.decode import GenConfig
 
     prompt_ids, chosen_ids = encode_pair(dec, row, cfg)
-    n_p = len(prompt_ids)
     with_prompt = cfg.neg_reward_prompt
-    chosen = _sums(dec, prompt_ids + chosen_ids, n_p)
-    chosen["reward"] = reward(chosen, with_prompt=with_prompt)
-    prompt_part = {k: chosen.pop(k) for k in ("expert_prompt_sum", "amateur_prompt_sum", "n_prompt_scored")}
-    candidates = []
+    samples = []
     for k in range(cfg.neg_samples):
         seed = sample_seed(cfg.seed, index, k)
         gen = dec.generate(prompt_ids, GenConfig(mode="base", temperature=cfg.neg_temperature, top_p=cfg.neg_top_p,
@@ -180,11 +209,17 @@ def negatives_for_item(dec, index: int, row: dict, cfg: TrainConfig, turn_end: i
         ids = list(gen.tokens) + ([turn_end] if gen.stop_reason == "eos" else [])
         if not ids:  # nothing sampled and no end (neg_max_tokens = 0): score the bare end of turn
             ids = [turn_end]
-        s = _sums(dec, prompt_ids + ids, n_p)
+        samples.append((seed, gen, ids))
+    scorer = PromptScorer(dec, prompt_ids)  # after sampling: generate() resets the amateur's cache
+    prompt_part = {"expert_prompt_sum": scorer.prompt_sums["expert"], "amateur_prompt_sum": scorer.prompt_sums["amateur"],
+                   "n_prompt_scored": len(prompt_ids) - 1}
+    chosen = scorer.score(chosen_ids)
+    chosen["reward"] = reward({**chosen, **prompt_part}, with_prompt=with_prompt)
+    candidates = []
+    for seed, gen, ids in samples:
+        s = scorer.score(ids)
         cand = {"seed": seed, "text": gen.text, "ids": ids, "stop_reason": gen.stop_reason, **s}
-        cand["reward"] = reward(s, with_prompt=with_prompt)
-        for key in ("expert_prompt_sum", "amateur_prompt_sum", "n_prompt_scored"):
-            cand.pop(key)  # the same for every candidate of this item: kept once, in "prompt"
+        cand["reward"] = reward({**s, **prompt_part}, with_prompt=with_prompt)
         candidates.append(cand)
     worst = min(range(len(candidates)), key=lambda i: (candidates[i]["reward"], i))  # ties: the first
     return {

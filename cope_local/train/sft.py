@@ -377,20 +377,22 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
 
 
 def _watchdog(label: str, loss: float, watch: dict, step: int, factor: float, spec: LoraSpec) -> None:
+    """Raise CopeError when the loss is not finite or its smoothed value exceeds factor x its early mean."""
+    which = "tam" if label == "tam" else "user"
     if not math.isfinite(loss):
         raise CopeError(f"{label}: the loss became {loss} at step {step}; training diverged. Lower the learning "
-                        f"rate (now {spec.lr}) with --set {'tam' if label == 'tam' else 'user'}.lr=... and train again")
+                        f"rate (now {spec.lr}) with --set {which}.lr=... and train again")
+    early = list(watch.get("early") or [])
+    ref = watch.get("ref") or (float(np.mean(early)) if early else None)  # the early mean so far, until fixed
     watch["ema"] = loss if watch["ema"] is None else WATCH_EMA * watch["ema"] + (1 - WATCH_EMA) * loss
-    if step <= WATCH_WARMUP:
-        watch.setdefault("early", [])
-        watch["early"] = list(watch["early"]) + [loss]
-        if step == WATCH_WARMUP:
-            watch["ref"] = float(np.mean(watch["early"]))
-        return
-    if watch["ref"] and factor and watch["ema"] > factor * watch["ref"]:
+    if ref and factor and watch["ema"] > factor * ref:
         raise CopeError(f"{label}: training diverged at step {step}: smoothed loss {watch['ema']:.3f} is more than "
-                        f"{factor:g}x its early value {watch['ref']:.3f}. Lower the learning rate (now {spec.lr}) with "
-                        f"--set {'tam' if label == 'tam' else 'user'}.lr=... and train again")
+                        f"{factor:g}x its early value {ref:.3f}. Lower the learning rate (now {spec.lr}) with "
+                        f"--set {which}.lr=... and train again")
+    if len(early) < WATCH_WARMUP:
+        watch["early"] = early + [loss]
+        if len(watch["early"]) == WATCH_WARMUP:
+            watch["ref"] = float(np.mean(watch["early"]))
 
 
 def save_adapter(model, out_dir: Path, summary: dict | None = None) -> Path:

@@ -1,0 +1,124 @@
+"""The Profiles screen: create (kept/skipped shown), use, switch adapters, train through the CLI child."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cope_local import profile as profiles
+from cope_local.models import resolve_model
+from convert.synthetic import write_random_lora
+from tui.profiles import ProfileItem, StageRow
+from tui.training import STAGES, parse_line
+from tui_pilot import PERSONA, SIZE, make_app, persona_profile, ready, sync, wait_for
+
+pytestmark = pytest.mark.usefixtures("no_network")
+
+
+def report(app) -> str:
+    return str(app.screen.query_one("#create-report").render())
+
+
+@sync
+async def test_create_a_profile_from_paths_showing_what_was_kept(tmp_path):
+    few = tmp_path / "few"
+    few.mkdir()
+    (few / "a.txt").write_text("one note of mine")
+    (few / "b.bin").write_bytes(b"\x00\x01\x02" * 50)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await app.switch_mode("profiles")
+        await pilot.press("n")
+        modal = app.screen
+        modal.query_one("#new-name").value = "ro"
+        modal.query_one("#new-paths").value = str(few)
+        await pilot.click("#check")
+        await wait_for(pilot, lambda: "reading" not in report(app), what="the check")
+        text = report(app)
+        assert "would keep 1 texts (too few" in text and "binary file" in text  # kept, skipped and why
+        await pilot.pause(0.3)
+        await pilot.click("#create-btn")
+        await wait_for(pilot, lambda: "reading" not in report(app), what="the create")
+        assert report(app).startswith("error:") and "ro" not in profiles.profile_names()
+        modal.query_one("#new-paths").value = PERSONA
+        await pilot.pause(0.3)  # a Button ignores clicks for 0.2 s after one (its press effect)
+        await pilot.click("#create-btn")
+        await wait_for(pilot, lambda: "reading" not in report(app) and "error" not in report(app), timeout=15,
+                       what=lambda: f"create ({report(app)[:300]!r})")
+        assert report(app).startswith("created profile ro: kept 40 texts")
+        await pilot.pause(0.3)
+        await pilot.click("#close")
+        await pilot.pause(0.05)
+        screen = app.screen
+        assert screen.selected() == "ro" and "ro" in profiles.profile_names()
+        assert "40 texts" in str(screen.query_one("#prof-info").render())
+        assert screen.query_one("#from-edits").disabled  # training on edits: not there yet (noted)
+        await pilot.press("u")
+        await ready(pilot)
+        assert app.profile_name == "ro" and app.store.path == profiles.load_profile("ro").path / "cope.db"
+        assert "no adapter" in app.model_status
+
+
+@sync
+async def test_switch_the_active_adapter_and_the_decoder_follows():
+    folder = persona_profile("ro")
+    second = write_random_lora(resolve_model(), folder / "adapters" / "ro-second.gguf", std=0.08, seed=7)
+    app = make_app(profile="ro")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert "ro-demo.gguf" in app.model_status
+        await app.switch_mode("profiles")
+        await pilot.pause(0.05)
+        screen = app.screen
+        assert screen.selected() == "ro"
+        screen.query_one("#adapters").value = "ro-second.gguf"
+        await pilot.press("a")
+        await ready(pilot)
+        assert profiles.active_adapter("ro") == second
+        assert "ro-second.gguf" in app.model_status and app.engine.sources.adapter == str(second)
+        # the no-profile entry: base model, profile-less store
+        screen.query_one("#prof-list").index = 0
+        await pilot.press("u")
+        await ready(pilot)
+        assert app.profile_name is None and not app.engine.has_adapter
+
+
+@sync
+async def test_train_runs_the_cli_in_a_child_with_progress_per_stage():
+    persona_profile("ro", adapter=False)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await app.switch_mode("profiles")
+        await pilot.pause(0.05)
+        screen = app.screen
+        screen.query_one("#prof-list").index = [i.profile for i in screen.query(ProfileItem)].index("ro")
+        screen.action_train(stages=["inputs"])  # the Train button runs all stages; one is enough here
+        await wait_for(pilot, lambda: screen.training is None and screen.training_profile is None, timeout=90,
+                       what="the training child")
+        rows = {r.stage: r for r in screen.query(StageRow)}
+        assert rows["inputs"].query_one("ProgressBar").progress == 1.0
+        assert rows["sft"].query_one("ProgressBar").progress == 0
+        assert "the chosen stages ran" in str(screen.query_one("#status").render())
+        marker = json.loads((profiles.load_profile("ro").stages_dir / "inputs.json").read_text())
+        assert marker["state"] == "done"
+
+
+def test_progress_lines_of_the_pipeline_parse():
+    p = parse_line("sft: step 3/40  loss 2.103  0.50 steps/s  ETA 1:05")
+    assert (p.stage, p.fraction, p.loss, p.eta) == ("sft", 3 / 40, 2.103, "1:05")
+    p = parse_line("dpo: step 8/8 loss 0.6931 margin +0.0000 acc 0.50 2.1 s/step ETA 0:00")
+    assert (p.stage, p.fraction, p.loss) == ("dpo", 1.0, 0.6931)
+    assert parse_line("negatives: up to date").state == "done"
+    assert parse_line("dpo: off (dpo = false: the SFT adapter is exported)").state == "off"
+    assert parse_line("inputs: 12/40 inputs generated (1.2/s)").fraction == 0.3
+    assert parse_line("tam: step 1/2  loss 3.0").stage == "sft"
+    assert parse_line("sft: stopped at step 5/40; run the same command again to resume").state == "stopped"
+    assert parse_line("training profile 'ro' (task email-reply)") is None
+    assert parse_line("preparing SmolLM2 for training") is None
+
+
+def test_stages_match_the_pipeline():
+    from cope_local.train.pipeline import STAGES as PIPELINE_STAGES
+
+    assert STAGES == PIPELINE_STAGES
