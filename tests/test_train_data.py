@@ -15,9 +15,9 @@ PERSONA = files("cope_local").joinpath("data/persona/history.jsonl")
 
 
 @pytest.fixture(autouse=True)
-def _train_cache(monkeypatch, tmp_path_factory):
-    """One HF copy of the base per test session (building it costs ~20-40 s; loading it ~0.5 s)."""
-    monkeypatch.setenv("COPE_CACHE", str(tmp_path_factory.getbasetemp() / "cope-train-cache"))
+def _train_cache(monkeypatch, pytestconfig):
+    """The HF copy of the base, kept in .pytest_cache across sessions (building it costs ~20-40 s; loading ~0.5 s)."""
+    monkeypatch.setenv("COPE_CACHE", str(pytestconfig.cache.mkdir("cope-train-cache")))
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,11 @@ def decoder(default_model):
 
 
 @pytest.fixture(scope="module")
-def encoder(default_model, tmp_path_factory):
+def encoder(default_model, tmp_path_factory, pytestconfig):
     from cope_local.train.data import ChatEncoder
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("COPE_CACHE", str(tmp_path_factory.getbasetemp() / "cope-train-cache"))
+        mp.setenv("COPE_CACHE", str(pytestconfig.cache.mkdir("cope-train-cache")))
         mp.setenv("COPE_HOME", str(tmp_path_factory.mktemp("home")))
         return ChatEncoder(default_model)
 
@@ -68,7 +68,7 @@ def test_bos_and_turn_end_come_from_the_gguf(encoder, decoder):
     assert encoder.eot_id == 2 and encoder.eot_id in decoder.model.eog_ids
     assert turn_end_id(decoder.model, decoder.chat_template) == encoder.eot_id
     ids = encoder.prompt_ids(MESSAGES[0])
-    assert ids.count(encoder.bos_id) == 2  # system and user turns; BOS is never doubled at the start
+    assert ids.count(encoder.bos_id) == 3  # system, user and assistant turns open with it; never doubled at the start
     assert ids[:2] != [encoder.bos_id, encoder.bos_id]
 
 

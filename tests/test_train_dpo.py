@@ -159,7 +159,7 @@ def test_dpo_raises_the_margin_and_a_killed_run_resumes_to_the_same_weights(
     with pytest.raises(KeyboardInterrupt):
         run_dpo(*args, out_b, cfg)
     assert not out_b.exists()
-    ckpts = sorted(p.name for p in (tmp_path / "b" / "adapter.work" / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (tmp_path / "b" / "adapter.work" / "checkpoints").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-1", "checkpoint-2"]
     monkeypatch.undo()
     capsys.readouterr()

@@ -17,8 +17,9 @@ PROMPT = "Hi Ro, can you patch the spinnaker before Sunday's race?"
 
 
 @pytest.fixture(autouse=True)
-def _train_env(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("COPE_CACHE", str(tmp_path_factory.getbasetemp() / "cope-train-cache"))
+def _train_env(monkeypatch, pytestconfig):
+    """The HF copy of the base, kept in .pytest_cache across sessions (building it costs ~20-40 s; loading ~0.5 s)."""
+    monkeypatch.setenv("COPE_CACHE", str(pytestconfig.cache.mkdir("cope-train-cache")))
     monkeypatch.setenv("COPE_THREADS", "2")
 
 
@@ -31,8 +32,8 @@ def history(tmp_path: Path, n: int) -> Path:
 
 def tiny_cfg(**kw) -> TrainConfig:
     """Few, short, bold steps: enough to change the drafts of a 135M model, fast on 2 cores."""
-    cfg = TrainConfig(seed=0, max_steps=3, max_target_tokens=32, neg_samples=2, neg_max_tokens=12,
-                      dpo_batch_size=4).updated({"user.lr": 3e-3, "sft_batch_size": 4})
+    cfg = TrainConfig(seed=0, max_steps=3, max_target_tokens=32, neg_samples=2, neg_max_tokens=8,
+                      dpo_batch_size=8).updated({"user.lr": 3e-3, "sft_batch_size": 4})
     return cfg.updated(kw) if kw else cfg
 
 

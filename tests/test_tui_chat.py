@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tui_pilot import SIZE, make_app, ready, sync, wait_for
 
 from tui.chat import Bubble
-from tui_pilot import SIZE, make_app, ready, sync, wait_for
 
 pytestmark = pytest.mark.usefixtures("no_network")
 

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from tui_pilot import SIZE, draft, make_app, persona_profile, ready, sync, wait_for
 
 from cope_local.paths import home
 from cope_local.store import export_edit_pairs
 from cope_local.tasks import get_task
-from tui_pilot import SIZE, draft, make_app, persona_profile, ready, sync, wait_for
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -41,6 +41,12 @@ async def test_a_draft_streams_into_the_output_and_goes_to_history():
         assert d["prompt"] == ASK and d["generated"] == out and d["final"] is None
         assert d["messages"] == get_task("email-reply").draft_messages(ASK)
         assert "token limit" in str(screen.query_one("#out").border_subtitle)
+        first = screen.draft_id
+        before = screen.last_result
+        await pilot.press("ctrl+r")  # regenerate: sampled, a new seed each time, a new history entry
+        await wait_for(pilot, lambda: screen.last_result is not before and not screen.busy, what="the regenerate")
+        assert screen.draft_id == first + 1 and screen.query_one("#out").text == screen.last_result.text
+        assert [h.id for h in app.store.search("")] == [first + 1, first]
 
 
 @sync
@@ -108,6 +114,21 @@ async def test_enter_sends_and_ctrl_j_adds_a_line():
         await pilot.press("a", "ctrl+j", "b", "shift+enter", "c")
         assert screen.query_one("#prompt").text == "a\nb\nc"
         assert not screen.busy and screen.last_result is None
+        await pilot.press("ctrl+t")  # light/dark, remembered
+        assert app.theme == "textual-light" and app.ui.restore("ui.theme") == "light"
+        await pilot.press("f2", "f3", "f4", "f1")  # F1-F4 switch screens
+        assert app.current_mode == "draft"
+
+
+@sync
+async def test_a_model_that_cannot_load_says_why_and_the_ui_keeps_working(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    app = make_app(model=str(bad))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.model_status.startswith("model error"), what="the load error")
+        assert "broken.gguf" in app.model_status and not app.model_ready
+        await pilot.press("f3", "f1")
 
 
 @sync

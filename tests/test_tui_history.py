@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tui_pilot import SIZE, make_app, sync
 
 from tui.chat import Bubble
-from tui_pilot import SIZE, make_app, sync
 
 pytestmark = pytest.mark.usefixtures("no_network")
 

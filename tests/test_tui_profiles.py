@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from tui_pilot import PERSONA, SIZE, make_app, persona_profile, ready, sync, wait_for
 
+from convert.synthetic import write_random_lora
 from cope_local import profile as profiles
 from cope_local.models import resolve_model
-from convert.synthetic import write_random_lora
 from tui.profiles import ProfileItem, StageRow
 from tui.training import STAGES, parse_line
-from tui_pilot import PERSONA, SIZE, make_app, persona_profile, ready, sync, wait_for
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -109,6 +109,7 @@ def test_progress_lines_of_the_pipeline_parse():
     assert (p.stage, p.fraction, p.loss, p.eta) == ("sft", 3 / 40, 2.103, "1:05")
     p = parse_line("dpo: step 8/8 loss 0.6931 margin +0.0000 acc 0.50 2.1 s/step ETA 0:00")
     assert (p.stage, p.fraction, p.loss) == ("dpo", 1.0, 0.6931)
+    assert parse_line("sft: 4 steps, loss 4.882 -> 3.105").loss == 3.105  # the stage's summary: the last loss
     assert parse_line("negatives: up to date").state == "done"
     assert parse_line("dpo: off (dpo = false: the SFT adapter is exported)").state == "off"
     assert parse_line("inputs: 12/40 inputs generated (1.2/s)").fraction == 0.3
@@ -122,3 +123,24 @@ def test_stages_match_the_pipeline():
     from cope_local.train.pipeline import STAGES as PIPELINE_STAGES
 
     assert STAGES == PIPELINE_STAGES
+
+
+@sync
+async def test_cancel_interrupts_training_and_train_again_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("COPE_CACHE", str(tmp_path / "cold-cache"))  # the child must prepare the base: slow enough
+    persona_profile("ro", adapter=False)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await app.switch_mode("profiles")
+        await pilot.pause(0.05)
+        screen = app.screen
+        screen.query_one("#prof-list").index = [i.profile for i in screen.query(ProfileItem)].index("ro")
+        screen.action_train(stages=["inputs", "pairs"])
+        # pairs dequantizes the base for torch first (tens of seconds): cancel while it works
+        await wait_for(pilot, lambda: "inputs" in screen.seen_stages, timeout=90, what="the inputs stage")
+        await pilot.press("x")
+        await wait_for(pilot, lambda: screen.training_profile is None, timeout=90, what="the child to stop")
+        assert "stopped; Train (t) resumes" in str(screen.query_one("#status").render())
+        stages = profiles.load_profile("ro").stages_dir
+        assert json.loads((stages / "inputs.json").read_text())["state"] == "done"  # kept: a rerun skips it
+        assert not (stages / "pairs.jsonl").exists()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from tui_pilot import SIZE, draft, make_app, persona_profile, ready, wait_for
 
 pytestmark = pytest.mark.usefixtures("no_network")

@@ -66,9 +66,9 @@ async def draft(pilot, text: str) -> None:
 
 def persona_profile(name: str = "ro", adapter: bool = True, seed: int = 1) -> Path:
     """A profile of the sample persona with a random (untrained) LoRA as its active adapter -> its folder."""
+    from convert.synthetic import write_random_lora
     from cope_local import profile as profiles
     from cope_local.models import resolve_model
-    from convert.synthetic import write_random_lora
 
     prof, _items, _report = profiles.create_profile(name, [PERSONA])
     if adapter:

@@ -90,10 +90,18 @@ class CopeApp(App):
             self.store.close()
         self.store = open_store(name) if name else self.ui
 
-    def set_profile(self, name: str | None) -> None:
-        """Make `name` (or None: no profile) active: its store, its adapter, its task."""
+    @property
+    def generating(self) -> bool:
+        """A draft or a chat reply is streaming (switching profiles then would mix stores)."""
+        return any(w.group in ("draft", "chat") and w.is_running for w in self.workers)
+
+    def set_profile(self, name: str | None) -> bool:
+        """Make `name` (or None: no profile) active: its store, its adapter, its task -> whether it switched."""
         if name == self.profile_name:
-            return
+            return True
+        if self.generating:
+            self.notify("a draft or reply is streaming; Esc stops it, then switch profiles", severity="warning")
+            return False
         self._open_store(name)
         self.ui.autosave("ui.profile", name or "")
         if name:
@@ -101,6 +109,7 @@ class CopeApp(App):
             self.task_name = get_task(task).name
         self.profile_name = name
         self.load_model()
+        return True
 
     def sources(self) -> Sources:
         """What the decoder should be made from for the active profile."""

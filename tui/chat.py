@@ -68,7 +68,7 @@ class ChatScreen(Screen):
         Binding("ctrl+o", "copy", "Copy reply"),
     ]
 
-    app: "CopeApp"
+    app: CopeApp
 
     def __init__(self) -> None:
         super().__init__()

@@ -72,7 +72,7 @@ class DraftScreen(Screen):
         Binding("ctrl+b", "toggle_split", "Split"),
     ]
 
-    app: "CopeApp"
+    app: CopeApp
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,8 +184,8 @@ class DraftScreen(Screen):
     @on(Select.Changed, "#profile")
     def _profile_selected(self, event: Select.Changed) -> None:
         name = event.value or None
-        if name != self.app.profile_name:
-            self.app.set_profile(name)
+        if name != self.app.profile_name and not self.app.set_profile(name):
+            self._sync_profiles()  # refused: show the active one again
 
     def _profile_changed(self, name: str | None) -> None:
         self._sync_profiles()
@@ -269,6 +269,7 @@ class DraftScreen(Screen):
             area = self.query_one(f"#{p.pane}", TextArea)
             area.read_only = True
             area.load_text("")
+            area.border_subtitle = "drafting…"
         self.query_one("#out", TextArea).loading = False
         how = "greedy" if temperature == 0 else f"sampled T {temperature:g} seed {seed}"
         self.status(f"drafting ({task.name}, α {alpha:g}, {how}) · Esc stops")

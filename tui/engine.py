@@ -9,9 +9,9 @@ is a plain generator, so closing it is all the cleanup there is.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from cope_local.decode import Decoder, GenConfig
 from cope_local.errors import CopeError
@@ -44,7 +44,8 @@ class Result:
 
     def summary(self) -> str:
         """'cope · 12 tokens · token limit': for a border subtitle."""
-        return f"{self.mode} · {self.steps} tokens · {STOP_WORDS.get(self.stop_reason, self.stop_reason)}"
+        tokens = f"{self.steps} token{'s' if self.steps != 1 else ''}"
+        return f"{self.mode} · {tokens} · {STOP_WORDS.get(self.stop_reason, self.stop_reason)}"
 
 
 class Engine:

@@ -46,7 +46,7 @@ class HistoryScreen(Screen):
         Binding("enter", "open", "Open", show=True),
     ]
 
-    app: "CopeApp"
+    app: CopeApp
 
     def __init__(self) -> None:
         super().__init__()

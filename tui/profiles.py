@@ -54,7 +54,9 @@ class StageRow(Horizontal):
 
     def set(self, p: Progress) -> None:
         bar = self.query_one(ProgressBar)
-        if p.fraction is not None:
+        if p.state == "off":
+            bar.update(total=1.0, progress=0)
+        elif p.fraction is not None:
             bar.update(total=1.0, progress=p.fraction)
         parts = [x for x in (p.state if p.state != "running" else "", f"loss {p.loss:.3f}" if p.loss is not None else "",
                              f"ETA {p.eta}" if p.eta else "") if x]
@@ -113,7 +115,7 @@ class CreateProfile(ModalScreen[str | None]):
     @work(thread=True, exclusive=True, group="ingest")
     def _ingest_worker(self, name: str, paths: list[str], me: list[str], task: str, dry_run: bool) -> None:
         try:
-            prof, items, report = profiles.create_profile(name, paths, task=task, me=me, dry_run=dry_run)
+            _prof, items, report = profiles.create_profile(name, paths, task=task, me=me, dry_run=dry_run)
         except CopeError as exc:
             self.app.call_from_thread(self._done, f"error: {exc}", None)
             return
@@ -146,7 +148,7 @@ class ProfilesScreen(Screen):
         Binding("a", "activate", "Activate"),
     ]
 
-    app: "CopeApp"
+    app: CopeApp
 
     def __init__(self) -> None:
         super().__init__()
@@ -243,7 +245,7 @@ class ProfilesScreen(Screen):
                  f"ingest: kept {ingest.get('kept', d['items'])}, skipped {skipped}",
                  f"sources: {', '.join(s.rsplit('/', 1)[-1] for s in d['sources']) or '-'}",
                  f"active adapter: {active}",
-                 f"stages done: {', '.join(s[:-5] for s in d['stages'] if s.endswith('.json')) or '-'}"]
+                 f"stages run: {', '.join(s for s in STAGES if s + '.json' in d['stages']) or '-'}"]
         if d.get("active_error"):
             lines.append(d["active_error"])
         if pairs:
@@ -277,7 +279,8 @@ class ProfilesScreen(Screen):
 
     def action_use(self) -> None:
         name = self.selected()
-        self.app.set_profile(name)
+        if not self.app.set_profile(name):
+            return
         self.call_later(self.refresh_list, name)
         self.status(f"using {name or 'no profile'}; the model reloads with its adapter")
 
@@ -318,6 +321,7 @@ class ProfilesScreen(Screen):
         for row in self.query(StageRow):
             row.reset()
         self.seen_stages: set[str] = set()
+        self.off_stages: set[str] = set()  # turned off by the settings (e.g. dpo = false)
         self.training_profile = name
         self.query_one("#cancel", Button).disabled = False
         self.query_one("#train", Button).disabled = True
@@ -345,9 +349,13 @@ class ProfilesScreen(Screen):
 
     def _progress(self, p: Progress) -> None:
         self.seen_stages.add(p.stage)
+        if p.state == "off":
+            self.off_stages.add(p.stage)
         done_before = STAGES.index(p.stage)
         for row in self.query(StageRow):
-            if STAGES.index(row.stage) < done_before and row.query_one(ProgressBar).progress < 1.0:
+            if row.stage in self.off_stages:
+                pass
+            elif STAGES.index(row.stage) < done_before and row.query_one(ProgressBar).progress < 1.0:
                 row.query_one(ProgressBar).update(total=1.0, progress=1.0)
             if row.stage == p.stage:
                 row.set(p)
@@ -359,12 +367,13 @@ class ProfilesScreen(Screen):
         self.query_one("#cancel", Button).disabled = True
         if code == 0 and partial:
             for row in self.query(StageRow):
-                if row.stage in self.seen_stages:
+                if row.stage in self.seen_stages - self.off_stages:
                     row.query_one(ProgressBar).update(total=1.0, progress=1.0)
             self.status(f"{name}: the chosen stages ran; Train runs the rest")
         elif code == 0:
             for row in self.query(StageRow):
-                row.query_one(ProgressBar).update(total=1.0, progress=1.0)
+                if row.stage not in self.off_stages:
+                    row.query_one(ProgressBar).update(total=1.0, progress=1.0)
             self.status(f"{name} trained; its new adapter is active")
             if name == self.app.profile_name:
                 self.app.load_model()

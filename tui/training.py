@@ -14,15 +14,15 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 # Mirrors cope_local.train.pipeline.STAGES (tests check they agree); not imported, since
 # importing the training package from the UI process is what this module avoids.
 STAGES = ("inputs", "pairs", "sft", "negatives", "dpo", "export", "activate")
 _LINE = re.compile(r"^\s*(?P<stage>[a-z]+):\s*(?P<rest>.*)$")
 _FRACTION = re.compile(r"(?:step\s+)?(\d+)\s*/\s*(\d+)")
-_LOSS = re.compile(r"\bloss\s+([-+]?\d+(?:\.\d+)?)")
+_LOSS = re.compile(r"\bloss\s+([-+]?\d+(?:\.\d+)?)(?:\s*->\s*([-+]?\d+(?:\.\d+)?))?")  # "loss 2.1" or "loss 2.1 -> 1.7"
 _ETA = re.compile(r"\bETA\s+(\d+:\d\d(?::\d\d)?)")
 
 
@@ -56,11 +56,12 @@ def parse_line(line: str) -> Progress | None:
         frac, state = 1.0, "done"
     elif rest.startswith("off"):
         frac, state = 1.0, "off"
-    elif rest.startswith("stopped") or rest.startswith("stopping"):
+    elif rest.startswith(("stopped", "stopping")):
         state = "stopped"
     loss = _LOSS.search(rest)
     eta = _ETA.search(rest)
-    return Progress(stage, frac, float(loss.group(1)) if loss else None, eta.group(1) if eta else None, line, state)
+    loss_value = float(loss.group(2) or loss.group(1)) if loss else None  # the latest loss
+    return Progress(stage, frac, loss_value, eta.group(1) if eta else None, line, state)
 
 
 def train_command(profile: str, extra: list[str] | None = None) -> list[str]:

@@ -18,13 +18,13 @@ class PromptArea(TextArea):
     """
 
     class Submitted(Message):
-        def __init__(self, area: "PromptArea", text: str) -> None:
+        def __init__(self, area: PromptArea, text: str) -> None:
             super().__init__()
             self.area = area
             self.text = text
 
         @property
-        def control(self) -> "PromptArea":
+        def control(self) -> PromptArea:
             return self.area
 
     def __init__(self, text: str = "", **kwargs) -> None:

@@ -312,6 +312,8 @@ class Pipeline:
 
     def _run_export(self) -> dict:
         out = self.ws.export_path()
+        if self.ws.kind == "tam":  # tam.json marks a complete TAM: gone while tam.gguf and peft/ are replaced
+            (self.ws.path / "tam.json").unlink(missing_ok=True)
         exp = self._export(self.final_adapter(), out, self.train_summary())
         if self.ws.kind == "tam":
             self.ws.finish_tam(self.final_adapter(), self.base, self.read_marker("sft").get("info", {}))

@@ -310,6 +310,8 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
         print(f"{label}: {len(examples)} examples, {steps} steps of {batch_size} on {plan.describe()}, "
               f"micro-batches of <= {micro_tokens} tokens", file=sys.stderr)
 
+    saved = {"step": step if state is not None else 0}  # the step a rerun resumes from
+
     def save_checkpoint() -> None:
         payload = {
             "key": key, "step": step, "steps": steps, "order": order, "micro_tokens": micro_tokens,
@@ -321,6 +323,7 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
         }
         with atomic_path(ckpt_path) as tmp:
             torch.save(payload, tmp)
+        saved["step"] = step
 
     bar = Progress(label, steps, step, enabled=progress)
     decoder = model.get_base_model().get_decoder()  # the transformer stack (LoRA layers inside)
@@ -363,7 +366,9 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
                     save_checkpoint()
     except KeyboardInterrupt:
         bar.close()  # before the message, so it is not drawn over
-        print(f"{label}: stopped at step {step}/{steps}; run the same command again to resume", file=sys.stderr)
+        where = f"at step {step}/{steps}" if saved["step"] == step else \
+            f"at step {step}/{steps}; the last checkpoint is at step {saved['step']}"
+        print(f"{label}: stopped {where}; run the same command again to resume", file=sys.stderr)
         raise
     finally:
         bar.close()
