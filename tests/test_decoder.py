@@ -206,3 +206,27 @@ def test_context_overflow_is_a_clear_error(default_model):
             dec.generate("word " * 200, GenConfig(max_tokens=4))
         g = dec.generate("Hi", GenConfig(max_tokens=500, ignore_eos=True))
         assert g.stop_reason == "context" and g.n_prompt + len(g.tokens) == 64
+
+
+def test_llama_cpp_refusal_carries_its_own_log_line(tmp_path, default_model, decode_adapter):
+    """An adapter our header checks accept but llama.cpp rejects (A and B ranks differ):
+    the error names the file and quotes llama.cpp's reason, captured from its log."""
+    import gguf
+
+    reader = gguf.GGUFReader(decode_adapter)
+    out = tmp_path / "rank-mismatch.gguf"
+    w = gguf.GGUFWriter(out, "llama")
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if t.name.endswith("lora_b"):
+            data = np.zeros((data.shape[0], data.shape[1] // 2), np.float32)  # (out, r/2) against A's (r, in)
+        w.add_tensor(t.name, data)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.warns(UserWarning), pytest.raises(CopeError) as err:
+        Decoder(default_model, out)
+    msg = str(err.value)
+    assert str(out) in msg and "llama.cpp refused the adapter" in msg
+    assert "no reason given" not in msg  # the reason came from llama.cpp's log

@@ -144,7 +144,7 @@ class Workspace:
         return current is not None and adapter.exists() and current.resolve() == adapter.resolve()
 
     def activate(self, adapter: Path, tam_gguf: Path | None, keep: int = 2) -> None:
-        """Point active.json at `adapter`; keep it and the previously active one, delete older exports."""
+        """Point active.json at `adapter`; keep it and the previously active one, delete our older exports."""
         from cope_local.profile import active_adapter, set_active_adapter
 
         try:
@@ -153,7 +153,7 @@ class Workspace:
             previous = None
         set_active_adapter(self.profile, adapter, tam=tam_gguf)
         keep_set = {adapter.resolve()} | ({previous.resolve()} if previous and keep > 1 else set())
-        for old in sorted((self.path / "adapters").glob("*.gguf")):
+        for old in sorted((self.path / "adapters").glob(f"{self.name}-*.gguf")):  # only our own exports
             if old.resolve() not in keep_set:
                 old.unlink(missing_ok=True)
 
@@ -161,7 +161,7 @@ class Workspace:
         """Copy the TAM's peft folder to peft/ and write tam.json (last: it marks the TAM complete)."""
         from cope_local.binding import base_fingerprint
 
-        (self.path / "tam.json").unlink(missing_ok=True)
+        (self.path / "tam.json").unlink(missing_ok=True)  # (export removed it already; a direct call must too)
         tmp = Path(tempfile.mkdtemp(prefix=".peft.", dir=self.path))
         try:
             shutil.copytree(peft_dir, tmp, dirs_exist_ok=True)
