@@ -79,7 +79,7 @@ def run_stage_rusage(name: str, stage: str, env: dict, extra: list[str]) -> dict
         sys.stderr.write(err[-4000:])
         raise SystemExit(f"stage {stage} failed (exit {code})")
     peak_mb = usage.ru_maxrss / 1024 if platform.system() == "Linux" else usage.ru_maxrss / 2**20
-    lines = [x for x in err.splitlines() if x.startswith(f"{stage}:") or x.startswith("tam:")]
+    lines = [x for x in err.splitlines() if x.startswith((f"{stage}:", "tam:"))]
     return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
             "log": lines[-2:]}
 

@@ -230,3 +230,18 @@ def test_llama_cpp_refusal_carries_its_own_log_line(tmp_path, default_model, dec
     msg = str(err.value)
     assert str(out) in msg and "llama.cpp refused the adapter" in msg
     assert "no reason given" not in msg  # the reason came from llama.cpp's log
+
+
+def test_parallel_samples_are_seeded_and_start_like_single_samples(decoder):
+    cfg = GenConfig(mode="base", temperature=1.0, top_p=0.95, max_tokens=24)
+    many = decoder.sample_many(PROMPTS[0], cfg, [11, 12, 13])
+    again = decoder.sample_many(PROMPTS[0], cfg, [11, 12, 13])
+    assert [g.tokens for g in many] == [g.tokens for g in again]
+    assert len({tuple(g.tokens) for g in many}) == 3  # different seeds, different texts
+    assert all(0 < len(g.tokens) <= 24 and g.stop_reason in ("eos", "length") and g.text for g in many)
+    # the first token comes from the same prompt logits with the same RNG: equal to one-at-a-time sampling
+    singles = [decoder.generate(PROMPTS[0], GenConfig(mode="base", temperature=1.0, top_p=0.95, max_tokens=1, seed=s))
+               for s in (11, 12, 13)]
+    assert [g.tokens[0] for g in many] == [g.tokens[0] for g in singles]
+    with pytest.raises(ValueError):
+        decoder.sample_many(PROMPTS[0], GenConfig(mode="cope", temperature=1.0), [1])

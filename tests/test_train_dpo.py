@@ -83,6 +83,39 @@ def test_the_loss_uses_the_model_with_the_user_adapter_off_as_reference(dpo_poli
         policy.eval()
 
 
+def test_sft_reference_is_the_adapter_as_loaded(dpo_policy):
+    policy, tok, rows, off, on = dpo_policy
+    ref = reference_logps(policy, rows, "sft", 2, tok.pad_token_id)
+    assert ref[0] + ref[1] == pytest.approx(on[0] + on[1], abs=2e-3)
+
+
+def test_with_a_tam_the_reference_is_base_plus_tam(default_model, train_random_user, dpo_policy, tmp_path):
+    """The paper's amateur is the TAM-merged base: load_policy merges the TAM, so adapter-off is exactly that."""
+    from peft import LoraConfig, get_peft_model
+
+    from cope_local.train.hf import load_base
+
+    _policy, tok, rows, _off, _on = dpo_policy
+    model, _ = load_base(default_model)
+    torch.manual_seed(1)
+    tam = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in tam.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.2)
+    tam.save_pretrained(tmp_path / "tam")
+    r = rows[0]
+    with_tam = _logp(tam, r["prompt_ids"], r["chosen_ids"])
+    with tam.disable_adapter():
+        base_only = _logp(tam, r["prompt_ids"], r["chosen_ids"])
+    del tam, model
+    policy, _ = load_policy(default_model, train_random_user.peft, tmp_path / "tam")
+    ref = reference_logps(policy, rows[:1], "tam", 1, tok.pad_token_id)
+    assert ref[0][0] == pytest.approx(with_tam, abs=2e-3)
+    assert abs(ref[0][0] - base_only) > 0.05
+
+
 def test_trl_alone_would_take_the_sft_adapter_as_reference(dpo_policy, tmp_path):
     """What trl 1.16 does by itself with a PeftModel and no ref_model (why dpo.py sets the reference)."""
     from datasets import Dataset
@@ -113,13 +146,15 @@ def test_dpo_raises_the_margin_and_a_killed_run_resumes_to_the_same_weights(
         default_model, train_tiny_pairs, train_tiny_negatives, train_random_user, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
-    # lr 1e-3, not the paper's 5e-6: AdamW moves each weight by ~lr per step whatever the gradient's scale,
-    # and 3 steps at 5e-6 would move the margin by less than float noise; the paper runs hundreds of steps.
-    cfg = train_tiny_cfg(dpo_lr=1e-3, dpo_batch_size=2, max_steps=3, checkpoint_every=1)
-    args = (train_tiny_pairs, train_tiny_negatives, default_model, train_random_user.peft)
+    # lr 2e-3, not the paper's 5e-6: AdamW moves each weight by ~lr per step whatever the gradient's scale,
+    # and 2 steps at 5e-6 would move the margin by less than float noise; the paper runs hundreds of steps.
+    cfg = train_tiny_cfg(dpo_lr=2e-3, dpo_batch_size=2, max_steps=2, checkpoint_every=1)
+    pairs = tmp_path / "pairs.jsonl"  # 4 of the 6 pairs: each run scores its pairs 3 times (before, reference, after)
+    pairs.write_text("".join(open(train_tiny_pairs).readlines()[:4]))
+    args = (pairs, train_tiny_negatives, default_model, train_random_user.peft)
     out = run_dpo(*args, tmp_path / "a" / "adapter", cfg)
     m = json.loads((out / "dpo_metrics.json").read_text())
-    assert m["reference"] == "tam" and m["steps"] == 3 and m["pairs"] == 6
+    assert m["reference"] == "tam" and m["steps"] == 2 and m["pairs"] == 4
     before, after = m["before"], m["after"]
     print(f"DPO margin {before['margin_mean']:+.4f} -> {after['margin_mean']:+.4f}, accuracy {before['accuracy']:.2f} -> "
           f"{after['accuracy']:.2f}, loss {before['loss']:.4f} -> {after['loss']:.4f}, {m['steps_per_s']:.2f} steps/s")
@@ -141,15 +176,15 @@ def test_dpo_raises_the_margin_and_a_killed_run_resumes_to_the_same_weights(
     assert run_dpo(*args, out, cfg) == out
     monkeypatch.undo()
 
-    # Ctrl-C after step 1: the step in progress ends, a checkpoint is saved, KeyboardInterrupt is raised
+    # Ctrl-C during step 1: that step ends, a checkpoint is saved, KeyboardInterrupt is raised
     real_callbacks = dpo_mod._callbacks
 
     def with_ctrl_c(cfg, state):
         from transformers import TrainerCallback
 
         class CtrlC(TrainerCallback):
-            def on_step_end(self, args, st, control, **kw):
-                if st.global_step == 1:
+            def on_step_begin(self, args, st, control, **kw):
+                if st.global_step == 0:  # Ctrl-C while step 1 runs
                     os.kill(os.getpid(), signal.SIGINT)
 
         return real_callbacks(cfg, state) + [CtrlC()]
@@ -160,11 +195,11 @@ def test_dpo_raises_the_margin_and_a_killed_run_resumes_to_the_same_weights(
         run_dpo(*args, out_b, cfg)
     assert not out_b.exists()
     ckpts = sorted(p.name for p in (tmp_path / "b" / "adapter.work" / "checkpoints").glob("checkpoint-*"))
-    assert ckpts == ["checkpoint-1", "checkpoint-2"]
+    assert ckpts == ["checkpoint-1"]
     monkeypatch.undo()
     capsys.readouterr()
     run_dpo(*args, out_b, cfg)
-    assert "resuming from checkpoint-2" in capsys.readouterr().err
+    assert "resuming from checkpoint-1" in capsys.readouterr().err
     a = load_file(out / "adapter_model.safetensors")
     b = load_file(out_b / "adapter_model.safetensors")
     assert a.keys() == b.keys()

@@ -122,7 +122,7 @@ def test_too_small_history_is_refused_with_the_fix(default_model, tmp_path):
     from cope_local.ingest import read_items, write_items
     from cope_local.train.pipeline import train_profile
 
-    p, items, _ = profiles.create_profile("few", [history(tmp_path, 8)], task="email-reply")
+    p, _, _ = profiles.create_profile("few", [history(tmp_path, 8)], task="email-reply")
     write_items(p.items_path, read_items(p.items_path)[:5])  # edited down by hand below the minimum
     with pytest.raises(CopeError, match=r"items.jsonl: only 5 history items, need at least 8.*add more of your writing"):
         train_profile("few", tiny_cfg(), progress=False)

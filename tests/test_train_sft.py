@@ -22,15 +22,15 @@ PERSONA = files("cope_local").joinpath("data/persona/history.jsonl")
 STEPS = 6
 
 # The same run in every process: 8 short pairs, batch 2, 6 steps, a checkpoint after every step.
-SCRIPT = r"""
+SCRIPT = rf"""
 import sys
 from cope_local.train.config import LoraSpec, TrainConfig
 from cope_local.train.sft import train_lora
 pairs, out, work, base = sys.argv[1:5]
-cfg = TrainConfig(seed=3, max_steps=%d, checkpoint_every=1)
+cfg = TrainConfig(seed=3, max_steps={STEPS}, checkpoint_every=1)
 train_lora(pairs, out, base_gguf=base, spec=LoraSpec(8, 8, ("q_proj", "v_proj"), 1e-3, 2), batch_size=2, cfg=cfg,
            work_dir=work)
-""" % STEPS
+"""
 
 
 @pytest.fixture(autouse=True)

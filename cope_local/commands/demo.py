@@ -63,11 +63,10 @@ def ensure_profile(name: str, retrain: bool = False):
 
 
 def train_demo(p, device: str | None = None):
+    from cope_local.train.config import TrainConfig
     from cope_local.train.pipeline import Pipeline
     from cope_local.train.settings import load_config
     from cope_local.train.tam import Workspace
-
-    from cope_local.train.config import TrainConfig
 
     # the profile's own [train] table, if someone edited it, wins over the demo settings
     cfg = load_config(p, device=device, base=TrainConfig().updated(DEMO_SETTINGS))
@@ -131,7 +130,7 @@ def cmd_demo(args) -> int:
                          ensure_ascii=False, indent=1, default=str))
         return 0
     trained = any(r.status == "ran" for r in results)
-    print(f"Ro is an invented persona (cope_local/data/persona): all lowercase, sailing words, signs 'fair winds, —ro'.")
+    print("Ro is an invented persona (cope_local/data/persona): all lowercase, sailing words, signs 'fair winds, —ro'.")
     print(f"Profile {p.name!r}: {'trained' if trained else 'reused'} in {t_train:.0f} s; "
           f"settings: " + ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items()) + " (demo only).")
     print(side_by_side(rows, args.width), end="")

@@ -243,6 +243,62 @@ class Decoder:
                 amateur_logits = None
                 pending.append(tok)
 
+    # -- parallel samples (synthetic negatives) --------------------------------------------
+    def sample_many(self, prompt, cfg: GenConfig, seeds: list[int]) -> list[Generation]:
+        """len(seeds) independent samples of one single-context mode ("base" or "user"),
+        decoded as parallel sequences: one llama_decode per step serves all of them,
+        which costs little more than one sequence. Sample i draws with its own RNG
+        (seeds[i]); results are deterministic for the same seeds.
+        """
+        mode = self.resolve_mode(cfg.mode or "base")
+        if mode == "cope" or cfg.temperature <= 0:
+            raise ValueError("sample_many() samples one model: mode base or user, temperature > 0")
+        ids = self.prompt_ids(prompt)
+        n = len(seeds)
+        budget = min(cfg.max_tokens, self.n_ctx - len(ids))
+        if budget <= 0:
+            raise CopeError(f"prompt is {len(ids)} tokens but the context holds {self.n_ctx}; shorten the prompt or raise --ctx")
+        ctx = Context(self.model, len(ids) + n * budget + 8, self.threads, n_batch=max(n, 512), n_seq=n)
+        try:
+            ctx.set_adapters(self._adapter_sets["expert" if mode == "user" else "amateur"])
+            first = ctx.eval(ids)  # sequence 0; the others share its cells
+            for seq in range(1, n):
+                ctx.fork(0, seq)
+            rngs = [np.random.default_rng(s) for s in seeds]
+            gens = [Generation(text="", tokens=[], n_prompt=len(ids), stop_reason="length", mode=mode) for _ in seeds]
+            eog = frozenset() if cfg.ignore_eos else self.model.eog_ids
+            logits = {seq: first for seq in range(n)}
+            live = list(range(n))
+            while live:
+                step = []
+                for seq in live:
+                    tok = rule.sample_top_p(logits[seq], cfg.temperature, cfg.top_p, rngs[seq])
+                    if tok in eog:
+                        gens[seq].stop_reason = "eos"
+                        continue
+                    gens[seq].tokens.append(tok)
+                    gens[seq].steps += 1
+                    if gens[seq].steps < budget:
+                        step.append((seq, tok))
+                    elif budget < cfg.max_tokens:
+                        gens[seq].stop_reason = "context"
+                live = [seq for seq, _ in step]
+                if step:
+                    rows = ctx.step_seqs([t for _, t in step], live, [len(ids) + gens[s].steps - 1 for s in live])
+                    logits = dict(zip(live, rows))
+        finally:
+            ctx.close()
+        for g in gens:
+            detok = StreamDetokenizer(cfg.stop)
+            for tok in g.tokens:
+                detok.feed(self.model.piece(tok))
+                if detok.stopped:
+                    g.stop_reason = "stop"
+                    break
+            detok.flush()
+            g.text = detok.text
+        return gens
+
     # -- scoring (synthetic negatives) -----------------------------------------------------
     def token_logprobs(self, ids: list[int], start: int, role: str = "expert") -> np.ndarray:
         """log p(ids[i] | ids[:i]) for i in [start, len(ids)), under `role`'s adapters. -> (len(ids)-start,)"""

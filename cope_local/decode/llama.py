@@ -177,14 +177,15 @@ class LoraAdapter:
 class Context:
     """One KV cache and its adapters over a shared Model. Sequence 0 only."""
 
-    def __init__(self, model: Model, n_ctx: int, threads: int | None = None, n_batch: int = 512):
+    def __init__(self, model: Model, n_ctx: int, threads: int | None = None, n_batch: int = 512, n_seq: int = 1):
         self._batch = None  # one llama_batch, reused by every decode()
         self.model = model
         params = C.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_seq_max = 1
+        params.n_seq_max = n_seq
+        params.kv_unified = n_seq > 1  # parallel samples share their prompt's cells (seq_cp is free)
         threads = threads or default_threads()
         self.threads = threads
         params.n_threads = threads
@@ -216,6 +217,24 @@ class Context:
         """Forget every token from position `n_past` on (undo a speculative token)."""
         C.llama_memory_seq_rm(C.llama_get_memory(self.ptr), 0, n_past, -1)
         self.n_past = n_past
+
+    def fork(self, src: int, dst: int) -> None:
+        """Sequence `dst` shares everything `src` holds so far (unified KV cache: no copy)."""
+        C.llama_memory_seq_cp(C.llama_get_memory(self.ptr), src, dst, -1, -1)
+
+    def step_seqs(self, tokens: list[int], seqs: list[int], positions: list[int]) -> np.ndarray:
+        """One token for each of several sequences, in one decode. -> (len(tokens), n_vocab) float32"""
+        if self._batch is None:
+            self._batch = C.llama_batch_init(self.n_batch, 0, 1)
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, (tok, seq, pos) in enumerate(zip(tokens, seqs, positions)):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, 1
+            batch.seq_id[i][0] = seq
+        rc = C.llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise CopeError(f"{self.model.path}: llama_decode failed with code {rc} ({_last_log('the context is full?')})")
+        return np.stack([np.ctypeslib.as_array(C.llama_get_logits_ith(self.ptr, i), shape=(self.n_vocab,)) for i in range(len(tokens))])
 
     def eval(self, tokens: list[int]) -> np.ndarray:
         """Append tokens; return the logits after the last one. -> (n_vocab,) float32"""

@@ -47,7 +47,7 @@ class Example:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Example":
+    def from_dict(cls, d: dict) -> Example:
         return cls(id=str(d["id"]), messages=list(d["messages"]), prompt=str(d["prompt"]), target=str(d["target"]),
                    prompt_ids=[int(x) for x in d["prompt_ids"]], target_ids=[int(x) for x in d["target_ids"]],
                    truncated=bool(d.get("truncated", False)))
@@ -234,7 +234,7 @@ def turn_end_id(model, template: str | None) -> int:
         probe = [{"role": "user", "content": "x"}]
         bos = model.piece(model.bos_id, special=True).decode("utf-8", "replace") if model.bos_id >= 0 else ""
         eos = model.piece(model.eos_id, special=True).decode("utf-8", "replace") if model.eos_id >= 0 else ""
-        kw = dict(bos_token=bos, eos_token=eos, add_bos=model.add_bos)
+        kw = {"bos_token": bos, "eos_token": eos, "add_bos": model.add_bos}
         head = render_chat(probe, template, **kw)
         full = render_chat(probe + [{"role": "assistant", "content": _MARK}], template, add_generation_prompt=False, **kw)
         if _MARK in full and full.startswith(head):

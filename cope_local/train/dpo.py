@@ -222,12 +222,16 @@ def reference_logps(policy, rows: list[dict], reference: str, batch_size: int, p
 
 
 def make_trainer(policy, tokenizer, rows: list[dict], ref: tuple[list[float], list[float]], cfg: TrainConfig,
-                 work_dir: Path, *, callbacks=(), plan=None):
-    """A DPOTrainer on `rows` whose reference log-probs are `ref` (see reference_logps), nothing else."""
+                 work_dir: Path, *, callbacks=(), plan=None, micro: int | None = None):
+    """A DPOTrainer on `rows` whose reference log-probs are `ref` (see reference_logps), nothing else.
+
+    micro: pairs per forward (a divisor of cfg.dpo_batch_size); None = from the device's memory.
+    """
     from datasets import Dataset
     from trl import DPOConfig
 
-    micro, accum = plan_batches(rows, cfg, plan, policy.config)
+    micro = micro or plan_batches(rows, cfg, plan, policy.config)[0]
+    accum = cfg.dpo_batch_size // micro
     args = DPOConfig(
         output_dir=str(work_dir / "checkpoints"),
         per_device_train_batch_size=micro,
@@ -308,24 +312,26 @@ def run_dpo(pairs_path, negatives_path, base_gguf, sft_peft_dir, out_dir, cfg: T
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.monotonic()
 
-    # reference and "before" log-probs: fixed for the whole run, so computed once and kept for a resume
+    # reference and "before" log-probs are fixed for the whole run, and the micro-batch size must not change
+    # under a resume (the trainer skips consumed data in micro-batches): computed once, kept in the work folder
     before_path = work / "before.json"
     cached = _read_json(before_path)
-    eval_batch = plan_batches(rows, cfg, plan, policy.config)[0]
     if cached and len(cached.get("ref", [[]])[0]) == len(rows):
-        pol0, ref = tuple(cached["policy"]), tuple(cached["ref"])
+        pol0, ref, micro = tuple(cached["policy"]), tuple(cached["ref"]), int(cached["micro"])
     else:
+        micro = plan_batches(rows, cfg, plan, policy.config)[0]
         print(f"dpo: scoring {len(rows)} pairs under the policy and the reference ({cfg.dpo_reference})", file=sys.stderr)
-        ref = reference_logps(policy, rows, cfg.dpo_reference, eval_batch, pad_id)
-        pol0 = ref if cfg.dpo_reference == "sft" else sequence_logps(policy, rows, eval_batch, pad_id)
-        atomic_write_text(before_path, json.dumps({"policy": pol0, "ref": ref}))
+        ref = reference_logps(policy, rows, cfg.dpo_reference, micro, pad_id)
+        pol0 = ref if cfg.dpo_reference == "sft" else sequence_logps(policy, rows, micro, pad_id)
+        atomic_write_text(before_path, json.dumps({"policy": pol0, "ref": ref, "micro": micro}))
     before = preference_metrics(pol0, ref, cfg.dpo_beta)
     print(f"dpo: before: margin {before['margin_mean']:+.4f}, accuracy {before['accuracy']:.2f}, loss {before['loss']:.4f}",
           file=sys.stderr)
 
     stop = StopRequests("dpo")
     state: dict = {"stop": stop}
-    trainer = make_trainer(policy, tokenizer, rows, ref, cfg, work, callbacks=_callbacks(cfg, state), plan=plan)
+    trainer = make_trainer(policy, tokenizer, rows, ref, cfg, work, callbacks=_callbacks(cfg, state), plan=plan,
+                           micro=micro)
     resume = latest_checkpoint(work / "checkpoints")
     if resume:
         print(f"dpo: resuming from {Path(resume).name}", file=sys.stderr)
@@ -340,7 +346,7 @@ def run_dpo(pairs_path, negatives_path, base_gguf, sft_peft_dir, out_dir, cfg: T
     steps = trainer.state.global_step
     steps_run = steps - (int(Path(resume).name.split("-")[1]) if resume else 0)
 
-    after = preference_metrics(sequence_logps(trainer.model, rows, eval_batch, pad_id), ref, cfg.dpo_beta)
+    after = preference_metrics(sequence_logps(trainer.model, rows, micro, pad_id), ref, cfg.dpo_beta)
     print(f"dpo: after: margin {after['margin_mean']:+.4f}, accuracy {after['accuracy']:.2f}, loss {after['loss']:.4f}",
           file=sys.stderr)
     metrics = {
@@ -349,6 +355,7 @@ def run_dpo(pairs_path, negatives_path, base_gguf, sft_peft_dir, out_dir, cfg: T
         "lr": cfg.dpo_lr,
         "pairs": len(rows),
         "steps": steps,
+        "micro_batch": micro,  # pairs per forward; gradients accumulate to dpo_batch_size
         "steps_per_s": steps_run / train_s if train_s > 0 else None,
         "train_loss": getattr(result, "training_loss", None),
         "seconds": time.monotonic() - t0,

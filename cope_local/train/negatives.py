@@ -195,15 +195,19 @@ def fingerprint(base_gguf, user_adapter_gguf, tam_gguf, cfg: TrainConfig) -> str
 
 def negatives_for_item(dec, index: int, row: dict, cfg: TrainConfig, turn_end: int) -> dict:
     """Sample K candidates for one pair, score them and the real text, keep the lowest-reward candidate."""
-    from cope_local.decode import GenConfig
+    from cope_local.decode import GenConfig, Generation
 
     prompt_ids, chosen_ids = encode_pair(dec, row, cfg)
     with_prompt = cfg.neg_reward_prompt
     samples = []
-    for k in range(cfg.neg_samples):
-        seed = sample_seed(cfg.seed, index, k)
-        gen = dec.generate(prompt_ids, GenConfig(mode="base", temperature=cfg.neg_temperature, top_p=cfg.neg_top_p,
-                                                 seed=seed, max_tokens=cfg.neg_max_tokens))
+    seeds = [sample_seed(cfg.seed, index, k) for k in range(cfg.neg_samples)]
+    # the K candidates decode as parallel sequences: one llama.cpp call per step for all of them
+    if cfg.neg_max_tokens > 0:
+        gens = dec.sample_many(prompt_ids, GenConfig(mode="base", temperature=cfg.neg_temperature, top_p=cfg.neg_top_p,
+                                                     max_tokens=cfg.neg_max_tokens), seeds)
+    else:
+        gens = [Generation(text="", tokens=[], n_prompt=len(prompt_ids), stop_reason="length", mode="base") for _ in seeds]
+    for seed, gen in zip(seeds, gens):
         # the turn ends only where the amateur ended it; a text cut at neg_max_tokens gets no end-of-turn
         # (the rule data.py applies to cut targets: no model should learn to stop mid-sentence)
         ids = list(gen.tokens) + ([turn_end] if gen.stop_reason == "eos" else [])

@@ -32,10 +32,8 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -46,6 +44,7 @@ import numpy as np
 from cope_local.errors import CopeError
 from cope_local.paths import atomic_path, atomic_write_text
 from cope_local.train.config import LoraSpec, TrainConfig
+from cope_local.train.progress import Progress, StopRequests
 
 SFT_CODE_VERSION = 1  # bump when the training math changes: old checkpoints are not resumed
 MAX_GRAD_NORM = 1.0  # HF Trainer's default clipping (the paper's setup)
@@ -91,75 +90,6 @@ def data_order(n: int, epochs: float, seed: int) -> list[int]:
 def total_steps(n_order: int, batch_size: int, max_steps: int | None) -> int:
     steps = math.ceil(n_order / max(1, batch_size))
     return min(steps, max_steps) if max_steps else steps
-
-
-# ---- progress ------------------------------------------------------------------------------------
-
-class Progress:
-    """A tqdm bar on a terminal; elsewhere (logs, tests) a line every ~10 %, with ETA and loss."""
-
-    def __init__(self, label: str, total: int, initial: int = 0, enabled: bool = True):
-        self.label, self.total, self.done = label, total, initial
-        self.t0, self.start = time.monotonic(), initial
-        self.enabled = enabled
-        self.bar = None
-        self.every = max(1, total // 10)
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=label, unit="step", file=sys.stderr,
-                            dynamic_ncols=True, leave=True)
-
-    def update(self, done: int, loss: float) -> None:
-        self.done = done
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
-            self.bar.update(done - self.bar.n)
-        elif self.enabled and (done % self.every == 0 or done == self.total):
-            rate = (done - self.start) / max(1e-9, time.monotonic() - self.t0)
-            eta = (self.total - done) / rate if rate > 0 else float("nan")
-            print(f"{self.label}: step {done}/{self.total}  loss {loss:.3f}  {rate:.2f} steps/s  "
-                  f"ETA {_fmt_s(eta)}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _fmt_s(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 60}:{s % 60:02d}"
-
-
-# ---- stop requests ------------------------------------------------------------------------------
-
-class StopRequests:
-    """Ctrl-C / SIGTERM ask the loop to stop after the current step; a second Ctrl-C stops at once."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.requested = False
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{self.label}: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -210,7 +140,9 @@ def _batch_tensors(examples, idx: list[int], device):
             rows.append(b)
             cols.append(t - 1)
             labels.append(seq[t])
-    as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    def as_t(x):
+        return torch.tensor(x, dtype=torch.long, device=device)
+
     return ids.to(device), as_t(rows), as_t(cols), as_t(labels)
 
 

@@ -98,7 +98,7 @@ class Workspace:
         return self.path / "stages"
 
     @classmethod
-    def from_profile(cls, p) -> "Workspace":
+    def from_profile(cls, p) -> Workspace:
         return cls("profile", p.name, p.path, p.task_spec(), p.model, p)
 
     def items(self):
