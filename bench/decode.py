@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,10 @@ def rss_probe(mode: str, base: str, adapter: str, n_prompt: int, n_new: int) -> 
 
     with Decoder(base, adapter) as dec:
         dec.generate(prompt_ids(dec, n_prompt), GenConfig(mode=mode, max_tokens=n_new, ignore_eos=True))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's peak
+    with open("/proc/self/status") as f:
+        hwm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(hwm_kb / 1024)
 
 
 def transformers_cope(base: Path, ids: list[int], n_new: int, alpha: float, tau: float, threads: int) -> float:
@@ -118,6 +120,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cope-bench-"))
     adapter = Path(args.adapter) if args.adapter else make_adapter(base, tmp)
     n_new = args.new_tokens
+    # peak RSS first, in fresh processes, before this one loads anything big
+    rss = {}
+    for mode in ("user", "cope"):
+        cmd = [sys.executable, __file__, "--rss-probe", mode, "--adapter", str(adapter), "--prompt-tokens",
+               str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)] + (["--model", args.model] if args.model else [])
+        rss[mode] = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    print(f"peak RSS: user {rss['user']:.0f} MB, cope {rss['cope']:.0f} MB")
     configs = {
         "user_greedy": GenConfig(mode="user", max_tokens=n_new, ignore_eos=True),
         "cope_naive": GenConfig(mode="cope", alpha=args.alpha, tau=args.tau, max_tokens=n_new, ignore_eos=True, lazy_amateur=False),
@@ -151,17 +160,11 @@ def main() -> None:
         "cope_vs_user_greedy_cpu_time": round(statistics.median(cpu_times["user_greedy"]) / statistics.median(cpu_times["cope"]), 3),
     }
     if not args.skip_transformers:
-        t_hf = [transformers_cope(base, ids, n_new, args.alpha, args.tau, os.cpu_count() or 1) for _ in range(args.transformers_reps)]
+        t_hf = [transformers_cope(base, ids, n_new, args.alpha, args.tau, threads_used) for _ in range(args.transformers_reps)]
         tok_s["transformers_cope"] = n_new / statistics.median(t_hf)
         print(f"{'transformers':14} {tok_s['transformers_cope']:7.1f} tok/s  (two models + peft, the paper's approach)")
         out["cope_vs_transformers"] = round(tok_s["cope"] / tok_s["transformers_cope"], 2)
 
-    rss = {}
-    for mode in ("user", "cope"):
-        cmd = [sys.executable, __file__, "--rss-probe", mode, "--adapter", str(adapter), "--prompt-tokens",
-               str(args.prompt_tokens), "--new-tokens", str(n_new)] + (["--model", args.model] if args.model else [])
-        rss[mode] = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    print(f"peak RSS: user {rss['user']:.0f} MB, cope {rss['cope']:.0f} MB")
     out["rss_ratio"] = round(rss["cope"] / rss["user"], 3)
     out.update({
         "tok_s": {k: round(v, 1) for k, v in tok_s.items()},

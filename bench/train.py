@@ -91,6 +91,8 @@ def main() -> int:
     ap.add_argument("--stages", default=",".join(STAGES), help="stages to time, in order (default all)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="training setting KEY=VALUE (repeatable)")
     ap.add_argument("--keep", type=Path, help="use this folder as COPE_HOME and keep it (default: a temp folder)")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --keep: reuse the profile there (finished stages are skipped, an interrupted one resumes)")
     args = ap.parse_args()
 
     home = args.keep or Path(tempfile.mkdtemp(prefix="cope-bench-train-"))
@@ -101,9 +103,10 @@ def main() -> int:
     data = home / "bench-history.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     name = "bench"
-    shutil.rmtree(home / "profiles" / name, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "cope_local", "profile", "create", name, "--from", str(data), "--task", task],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+    if not (args.resume and (home / "profiles" / name / "profile.toml").exists()):
+        shutil.rmtree(home / "profiles" / name, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "cope_local", "profile", "create", name, "--from", str(data), "--task", task],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
     extra = [x for s in args.sets for x in ("--set", s)]
     print(f"bench: {len(rows)} items ({'LaMP-7 dev' if args.lamp7 else 'persona, cycled'}), task {task}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; COPE_HOME={home}", flush=True)
@@ -117,7 +120,7 @@ def main() -> int:
     core = sum(results[s]["seconds"] for s in ("sft", "negatives", "dpo") if s in results)
     peak = max(r["peak_rss_mb"] for r in results.values())
     summary = {
-        "bench": "train", "items": len(rows), "source": "lamp7" if args.lamp7 else "persona", "task": task,
+        "bench": "train", "resumed": bool(args.resume), "items": len(rows), "source": "lamp7" if args.lamp7 else "persona", "task": task,
         "cpus": os.cpu_count(), "load_avg_end": round(os.getloadavg()[0], 2), "settings": args.sets,
         "stages": {k: {"seconds": v["seconds"], "cpu_seconds": v["cpu_seconds"], "peak_rss_mb": v["peak_rss_mb"]}
                    for k, v in results.items()},

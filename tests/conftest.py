@@ -270,12 +270,13 @@ TRAIN_TINY_HISTORY = [  # (topic, what the invented user wrote): short, lowercas
 
 
 @pytest.fixture(scope="session")
-def train_cache(tmp_path_factory):
-    """COPE_HOME and COPE_CACHE for train_ session fixtures: the dequantized base is built once per session."""
+def train_cache(tmp_path_factory, pytestconfig):
+    """COPE_HOME and COPE_CACHE for train_ session fixtures. The cache is the one tests/test_train_*.py share
+    (pytest's cache folder): the dequantized base is built once (~15-40 s), then loads in ~1 s."""
     mp = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("train-cache")
-    mp.setenv("COPE_HOME", str(root / "home"))
-    mp.setenv("COPE_CACHE", str(root / "cache"))
+    root = tmp_path_factory.mktemp("train-home")
+    mp.setenv("COPE_HOME", str(root))
+    mp.setenv("COPE_CACHE", str(pytestconfig.cache.mkdir("cope-train-cache")))
     yield root
     mp.undo()
 

@@ -95,11 +95,16 @@ class Decoder:
         self._contexts: dict[str, Context] = {}
         self.chat_template = self.model.chat_template()
 
-    # -- contexts are made on first use: a single-mode draft holds one KV cache only --------
-    def context(self, role: str) -> Context:
+    # -- contexts are made on first use and sized to the request (KV memory grows with need,
+    #    up to n_ctx): a single-mode draft holds one small KV cache only --------------------
+    def context(self, role: str, need: int = 0) -> Context:
         ctx = self._contexts.get(role)
+        if ctx is not None and ctx.n_ctx < min(need, self.n_ctx):
+            ctx.close()
+            ctx = None
         if ctx is None:
-            ctx = Context(self.model, self.n_ctx, self.threads)
+            size = min(self.n_ctx, max(512, -(-need // 256) * 256))  # multiples of 256 tokens
+            ctx = Context(self.model, size, self.threads)
             ctx.set_adapters(self._adapter_sets[role])
             self._contexts[role] = ctx
         return ctx
@@ -169,10 +174,11 @@ class Decoder:
             raise CopeError(f"prompt is {len(ids)} tokens but the context holds {self.n_ctx}; shorten the prompt or raise --ctx")
         rng = np.random.default_rng(cfg.seed)
         eog = frozenset() if cfg.ignore_eos else self.model.eog_ids
+        need = len(ids) + cfg.max_tokens
         if mode == "cope":
-            steps = self._cope_steps(ids, cfg, rng, gen)
+            steps = self._cope_steps(ids, cfg, rng, gen, need)
         else:
-            steps = self._single_steps(self.context("expert" if mode == "user" else "amateur"), ids, cfg, rng)
+            steps = self._single_steps(self.context("expert" if mode == "user" else "amateur", need), ids, cfg, rng)
         budget = min(cfg.max_tokens, self.n_ctx - len(ids))
         while gen.steps < budget:  # never asks for a token past the budget: no wasted decode
             tok = next(steps)
@@ -194,7 +200,7 @@ class Decoder:
             yield tok
             logits = ctx.eval([tok])
 
-    def _cope_steps(self, ids: list[int], cfg: GenConfig, rng, gen: Generation) -> Iterator[int]:
+    def _cope_steps(self, ids: list[int], cfg: GenConfig, rng, gen: Generation, need: int) -> Iterator[int]:
         """Expert every step; amateur only where the head set has 2+ tokens.
 
         Lazy amateur: tokens it missed wait in `pending` and go in with the next
@@ -204,7 +210,7 @@ class Decoder:
         amateur is already one step ahead and the next multi-token head set
         costs no amateur call; when wrong, the guess is dropped from its cache.
         """
-        expert, amateur = self.context("expert"), self.context("amateur")
+        expert, amateur = self.context("expert", need), self.context("amateur", need + 1)  # +1: a speculative token
         expert.reset()
         amateur.reset()
         user_logits = expert.eval(ids)
@@ -304,7 +310,7 @@ class Decoder:
         """log p(ids[i] | ids[:i]) for i in [start, len(ids)), under `role`'s adapters. -> (len(ids)-start,)"""
         if not 0 < start <= len(ids):
             raise ValueError("start must be in 1..len(ids)")
-        ctx = self.context(role)
+        ctx = self.context(role, len(ids))
         ctx.reset()
         if len(ids) > self.n_ctx:
             raise CopeError(f"sequence is {len(ids)} tokens but the context holds {self.n_ctx}")

@@ -126,7 +126,7 @@ class PromptScorer:
         self.dec, self.prompt = dec, list(prompt_ids)
         self.prompt_sums = {}
         for role in self.ROLES:
-            ctx = dec.context(role)
+            ctx = dec.context(role, dec.n_ctx)  # full size: prompt + the longest completion
             ctx.reset()
             logits = ctx.eval_all_logits(self.prompt[:-1])  # (n_p-1, V): predicts prompt[1:]
             self.prompt_sums[role] = float(_logprobs(logits, self.prompt[1:]).sum())
@@ -135,7 +135,7 @@ class PromptScorer:
         """{expert_sum, amateur_sum, n}: log p(completion | prompt) summed, under each role."""
         out = {}
         for role in self.ROLES:
-            ctx = self.dec.context(role)
+            ctx = self.dec.context(role, self.dec.n_ctx)
             ctx.truncate(len(self.prompt) - 1)
             logits = ctx.eval_all_logits(self.prompt[-1:] + completion[:-1])  # (n, V): predicts completion
             out[f"{role}_sum"] = float(_logprobs(logits, completion).sum())
@@ -244,14 +244,17 @@ def negatives_for_item(dec, index: int, row: dict, cfg: TrainConfig, turn_end: i
 
 # -- the stage -------------------------------------------------------------------------------------
 class _Progress:
-    """One stderr line per item (rewritten in place on a terminal) with rate and ETA."""
+    """Rate and ETA on stderr: one line rewritten in place on a terminal, else a line every ~10 %."""
 
     def __init__(self, label: str, total: int, done: int):
         self.label, self.total, self.start_done = label, total, done
         self.t0 = time.monotonic()
         self.tty = sys.stderr.isatty()
+        self.every = max(1, total // 10)
 
     def update(self, done: int, note: str = "") -> None:
+        if not self.tty and done % self.every and done != self.total:
+            return
         run = done - self.start_done
         dt = time.monotonic() - self.t0
         rate = dt / run if run else 0.0
