@@ -162,7 +162,10 @@ class Model:
             self.ptr = None
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the ctypes module may already be gone
+            pass
 
 
 class LoraAdapter:
@@ -287,4 +290,7 @@ class Context:
             self.ptr = None
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the ctypes module may already be gone
+            pass

@@ -232,13 +232,17 @@ def make_trainer(policy, tokenizer, rows: list[dict], ref: tuple[list[float], li
 
     micro = micro or plan_batches(rows, cfg, plan, policy.config)[0]
     accum = cfg.dpo_batch_size // micro
+    max_steps = -1  # the trainer's "run the epochs"; cfg.max_steps caps, never extends, them
+    if cfg.max_steps:
+        per_epoch = math.ceil(math.ceil(len(rows) / micro) / accum)
+        max_steps = min(cfg.max_steps, max(1, math.ceil(cfg.dpo_epochs * per_epoch)))
     args = DPOConfig(
         output_dir=str(work_dir / "checkpoints"),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum,
         learning_rate=cfg.dpo_lr,
         num_train_epochs=cfg.dpo_epochs,
-        max_steps=cfg.max_steps if cfg.max_steps else -1,
+        max_steps=max_steps,
         lr_scheduler_type="linear",
         warmup_steps=0,
         beta=cfg.dpo_beta,
@@ -256,7 +260,6 @@ def make_trainer(policy, tokenizer, rows: list[dict], ref: tuple[list[float], li
         use_cpu=plan is None or plan.kind == "cpu",
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        gradient_checkpointing=False,
         bf16=plan is not None and plan.dtype == "bfloat16",  # GPUs: mixed precision; CPU: float32
         fp16=plan is not None and plan.dtype == "float16",
     )
@@ -269,6 +272,9 @@ def make_trainer(policy, tokenizer, rows: list[dict], ref: tuple[list[float], li
                                processing_class=tokenizer, callbacks=list(callbacks))
     if "ref" in trainer.model.peft_config:
         trainer.model.delete_adapter("ref")  # trl's copy of the SFT adapter: unused with precomputed reference log-probs
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # its raw log dicts on stdout; Progress prints the readable line
     return trainer
 
 
@@ -364,7 +370,7 @@ def run_dpo(pairs_path, negatives_path, base_gguf, sft_peft_dir, out_dir, cfg: T
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        trainer.model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=1) + "\n")
         for f in tmp.iterdir():
             os.chmod(f, 0o600)

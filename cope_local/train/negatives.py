@@ -46,7 +46,7 @@ from cope_local.errors import CopeError
 from cope_local.paths import atomic_path, atomic_write_text
 from cope_local.train.config import TrainConfig
 
-FORMAT = 2  # row layout and scoring version: part of the fingerprint
+FORMAT = 3  # row layout, sampling and scoring version: part of the fingerprint
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def negatives_for_item(dec, index: int, row: dict, cfg: TrainConfig, turn_end: i
         if not ids:  # nothing sampled and no end (neg_max_tokens = 0): score the bare end of turn
             ids = [turn_end]
         samples.append((seed, gen, ids))
-    scorer = PromptScorer(dec, prompt_ids)  # after sampling: generate() resets the amateur's cache
+    scorer = PromptScorer(dec, prompt_ids)  # the prompt once per role, then every completion on top of it
     prompt_part = {"expert_prompt_sum": scorer.prompt_sums["expert"], "amateur_prompt_sum": scorer.prompt_sums["amateur"],
                    "n_prompt_scored": len(prompt_ids) - 1}
     chosen = scorer.score(chosen_ids)
