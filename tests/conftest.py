@@ -6,6 +6,7 @@ Session-scoped fixtures are prefixed by the area that owns them
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -34,17 +35,27 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("COPE_HOME", str(tmp_path / "cope-home"))
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a network connection fails the test."""
+@contextlib.contextmanager
+def blocked_network():
+    """Inside: any attempt to open a network connection fails (usable in fixtures of any scope)."""
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args!r}")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    mp = pytest.MonkeyPatch()
+    for obj, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "create_connection"), (socket, "getaddrinfo")):
+        mp.setattr(obj, name, refuse)
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+@pytest.fixture
+def no_network():
+    """Any attempt to open a network connection fails the test."""
+    with blocked_network():
+        yield
 
 
 # --- convert_ : shared by tests/test_convert_*.py and tests/test_binding.py --------------------
@@ -160,7 +171,6 @@ def convert_smol(convert_dir, default_model):
     lora_dir (peft, random non-zero A and B on q/k/v/o/gate/up/down), lora_ref.
     The model is left without the LoRA.
     """
-    import socket
     from types import SimpleNamespace
 
     import torch
@@ -168,16 +178,8 @@ def convert_smol(convert_dir, default_model):
 
     from convert.torch_load import load_hf_model
 
-    def refuse(*a, **k):
-        raise AssertionError(f"network access attempted: {a!r}")
-
-    mp = pytest.MonkeyPatch()
-    for obj, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "create_connection"), (socket, "getaddrinfo")):
-        mp.setattr(obj, name, refuse)
-    try:
+    with blocked_network():
         model, tok = load_hf_model(default_model)
-    finally:
-        mp.undo()
     ids = [tok(p)["input_ids"] for p in CONVERT_PROMPTS]
     base_ref = _convert_torch_logprobs(model, ids)
     hf_dir = convert_dir / "smollm2-hf"

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import blocked_network
 
 from convert.adapter import export_adapter
 from cope_local import binding
@@ -20,19 +21,9 @@ def gap(a_list, b_list) -> float:
 @pytest.fixture(scope="module")
 def smol_adapter(convert_smol, convert_f32, convert_dir):
     """The random SmolLM2 LoRA exported against the F32 base, with sockets blocked throughout."""
-    import socket
-
-    def refuse(*a, **k):
-        raise AssertionError(f"network access attempted: {a!r}")
-
-    mp = pytest.MonkeyPatch()
-    for obj, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "create_connection"), (socket, "getaddrinfo")):
-        mp.setattr(obj, name, refuse)
-    try:
+    with blocked_network():
         return export_adapter(convert_smol.lora_dir, convert_f32, convert_dir / "smol-lora.gguf",
                               summary={"task": "news_headline", "examples": 12, "steps": 3})
-    finally:
-        mp.undo()
 
 
 def test_adapter_matches_transformers_peft_on_f32_base(smol_adapter, convert_smol, convert_f32, convert_llama_logprobs):

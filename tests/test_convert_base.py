@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import blocked_network
 
 from convert.base import export_base
 from convert.llama_probe import llama_tokenize
@@ -29,18 +30,8 @@ def gap(a_list, b_list) -> float:
 @pytest.fixture(scope="module")
 def hf_export(convert_smol, convert_dir):
     """SmolLM2 Q4_1 -> transformers (dequantized) -> folder -> our F32 GGUF, with sockets blocked."""
-    import socket
-
-    def refuse(*a, **k):
-        raise AssertionError(f"network access attempted: {a!r}")
-
-    mp = pytest.MonkeyPatch()
-    for obj, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "create_connection"), (socket, "getaddrinfo")):
-        mp.setattr(obj, name, refuse)
-    try:
+    with blocked_network():
         return export_base(convert_smol.hf_dir, convert_dir / "smollm2-from-hf.gguf")
-    finally:
-        mp.undo()
 
 
 def test_transformers_folder_round_trip_matches_transformers(hf_export, convert_smol, convert_llama_logprobs):
