@@ -85,7 +85,7 @@ def load_hf_model(base_gguf_path: str | os.PathLike, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from cope_local.binding import read_header
+    from cope_local.gguf_file import read_header
     from cope_local.errors import CopeError
 
     path = Path(base_gguf_path).resolve()

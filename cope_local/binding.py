@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cope_local.errors import CopeError
-from cope_local.gguf_file import read_header  # noqa: F401  (re-exported: binding.read_header)
+from cope_local.gguf_file import read_header
 
 FINGERPRINT_SCHEME = "cfp1"  # bump when the hashed content changes; old caches then miss
 KEY_VERSION = "cope.version"

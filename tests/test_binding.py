@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cope_local import binding
+from cope_local.gguf_file import read_header
 from cope_local.errors import CopeError
 
 
@@ -82,7 +83,7 @@ def modified_base(default_model, convert_dir):
     """A copy of the default model with a few weight bytes changed: same names and shapes."""
     out = convert_dir / "smollm2-modified.gguf"
     shutil.copyfile(default_model, out)
-    t = binding.read_header(out).tensors["blk.3.ffn_up.weight"]
+    t = read_header(out).tensors["blk.3.ffn_up.weight"]
     with open(out, "r+b") as f:
         f.seek(t.offset + 1000)
         f.write(bytes(64))
@@ -147,7 +148,7 @@ def test_foreign_adapter_without_binding_is_allowed_with_a_warning(q4_adapter, d
 
     from convert.gguf_io import copy_kv
 
-    hdr = binding.read_header(q4_adapter)
+    hdr = read_header(q4_adapter)
     foreign = tmp_path / "foreign.gguf"
     w = gguf.GGUFWriter(foreign, hdr.architecture)
     copy_kv(w, hdr, skip=lambda k: k.startswith("cope."))
@@ -183,7 +184,7 @@ def test_header_errors_are_one_clear_line(tmp_path, default_model):
     for path, needle in ((wrong, "not a GGUF file"), (truncated, "truncated"), (short_header, "truncated"),
                          (tmp_path / "absent.gguf", "no such"), (tmp_path, "is a folder")):
         with pytest.raises(CopeError, match=needle) as err:
-            binding.read_header(path)
+            read_header(path)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

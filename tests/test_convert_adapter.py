@@ -10,6 +10,7 @@ from conftest import blocked_network
 
 from convert.adapter import export_adapter
 from cope_local import binding
+from cope_local.gguf_file import read_header
 from cope_local.errors import CopeError
 
 
@@ -41,9 +42,9 @@ def test_without_the_rotary_permutation_the_check_fails(smol_adapter, convert_sm
 
 
 def test_adapter_metadata_and_binding(smol_adapter, convert_f32, default_model):
-    hdr = binding.read_header(smol_adapter.path)
+    hdr = read_header(smol_adapter.path)
     assert hdr.get("general.type") == "adapter" and hdr.get("adapter.type") == "lora"
-    assert hdr.get("general.architecture") == binding.read_header(convert_f32).architecture == "llama"
+    assert hdr.get("general.architecture") == read_header(convert_f32).architecture == "llama"
     assert hdr.get("adapter.lora.alpha") == 16.0
     assert hdr.get(binding.KEY_BASE_FP) == binding.base_fingerprint(convert_f32)
     assert hdr.get(binding.KEY_BASE_SOURCE_FP) == binding.base_fingerprint(default_model)
@@ -94,7 +95,7 @@ def test_outtypes_f16_and_q8_0(smol_adapter, convert_smol, convert_f32, convert_
     f16 = export_adapter(convert_smol.lora_dir, convert_f32, convert_dir / "lora-f16.gguf", outtype="f16")
     q8 = export_adapter(convert_smol.lora_dir, convert_f32, convert_dir / "lora-q8.gguf", outtype="q8_0")
     assert q8.bytes < f16.bytes < smol_adapter.bytes
-    types = {t.name: t.ggml_type for t in binding.read_header(q8.path).tensors.values()}
+    types = {t.name: t.ggml_type for t in read_header(q8.path).tensors.values()}
     assert types["blk.0.attn_q.weight.lora_a"] == 8  # Q8_0 (rows of 576)
     assert types["blk.0.attn_q.weight.lora_b"] == 1  # F16: rows of r=8 cannot form 32-wide Q8_0 blocks
     for res in (f16, q8):

@@ -12,6 +12,7 @@ from conftest import blocked_network
 from convert.base import export_base
 from convert.llama_probe import llama_tokenize
 from cope_local import binding
+from cope_local.gguf_file import read_header
 from cope_local.errors import CopeError
 
 TOKEN_PROBES = [
@@ -43,7 +44,7 @@ def test_transformers_folder_round_trip_matches_transformers(hf_export, convert_
 
 
 def test_round_trip_writes_full_tokenizer_metadata(hf_export, default_model):
-    mine, orig = binding.read_header(hf_export.path), binding.read_header(default_model)
+    mine, orig = read_header(hf_export.path), read_header(default_model)
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                 "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
         assert mine.get(key) == orig.get(key), key
@@ -64,7 +65,7 @@ def test_token_ids_identical_to_transformers(hf_export, convert_smol, default_mo
 
 def test_gguf_reencode_matches_transformers_and_keeps_lineage(convert_f32, convert_smol, convert_llama_logprobs, default_model):
     assert gap(convert_llama_logprobs(convert_f32, convert_smol.ids), convert_smol.base_ref) < 0.02
-    hdr = binding.read_header(convert_f32)
+    hdr = read_header(convert_f32)
     assert hdr.get("general.file_type") == 0
     assert {t.ggml_type for t in hdr.tensors.values()} == {0}  # all F32
     assert hdr.get(binding.KEY_SOURCE_FP) == binding.base_fingerprint(default_model)
@@ -84,10 +85,10 @@ def test_f16_and_q8_0_exports(convert_dir, convert_smol, convert_llama_logprobs,
         for mine, ref in zip(lp, convert_smol.base_ref):
             assert (np.exp(ref) * (ref - mine)).sum(-1).max() < max_kl
             assert (mine.argmax(-1) == ref.argmax(-1)).mean() >= min_top1
-        assert binding.read_header(res.path).get(binding.KEY_SOURCE_FP) == binding.base_fingerprint(default_model)
+        assert read_header(res.path).get(binding.KEY_SOURCE_FP) == binding.base_fingerprint(default_model)
     # an export of an export still names the original as its source
     again = export_base(f16.path, convert_dir / "smollm2-f16-f32.gguf")
-    assert binding.read_header(again.path).get(binding.KEY_SOURCE_FP) == binding.base_fingerprint(default_model)
+    assert read_header(again.path).get(binding.KEY_SOURCE_FP) == binding.base_fingerprint(default_model)
 
 
 def test_merge_adapter_from_gguf_and_from_folder(convert_smol, convert_dir, convert_llama_logprobs, default_model):
@@ -96,7 +97,7 @@ def test_merge_adapter_from_gguf_and_from_folder(convert_smol, convert_dir, conv
     for res in (from_gguf, from_hf):
         assert res.merged
         assert gap(convert_llama_logprobs(res.path, convert_smol.ids), convert_smol.lora_ref) < 0.02
-        hdr = binding.read_header(res.path)
+        hdr = read_header(res.path)
         assert hdr.get("cope.merge.adapter") == convert_smol.lora_dir.name
         assert hdr.get(binding.KEY_SOURCE_FP) is None  # a merge is a new model, not a re-encoding
 
@@ -104,7 +105,7 @@ def test_merge_adapter_from_gguf_and_from_folder(convert_smol, convert_dir, conv
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2", "llama"])
 def test_tiny_architectures_round_trip(arch, convert_tiny, convert_smol, convert_llama_logprobs):
     tiny = convert_tiny(arch)
-    hdr = binding.read_header(tiny.gguf)
+    hdr = read_header(tiny.gguf)
     assert hdr.architecture == arch
     if arch == "llama":
         assert "rope_freqs.weight" in hdr.tensors and "output.weight" in hdr.tensors  # llama3 rope, untied head
@@ -293,7 +294,7 @@ def test_sentencepiece_style_tokenizer_round_trip(tmp_path, convert_llama_logpro
     tok = _spm_style_tokenizer()
     model = _tiny_llama_folder(tmp_path / "spm", tok)
     res = export_base(tmp_path / "spm", tmp_path / "spm.gguf")  # raises unless llama.cpp tokenizes the probes identically
-    hdr = binding.read_header(res.path)
+    hdr = read_header(res.path)
     assert hdr.get("tokenizer.ggml.model") == "llama" and hdr.get("tokenizer.ggml.add_bos_token") is True
     want = [list(tok(t)["input_ids"]) for t in TOKEN_PROBES]
     assert llama_tokenize(res.path, TOKEN_PROBES, add_special=True) == want
@@ -316,7 +317,7 @@ def test_sentencepiece_style_tokenizer_without_byte_tokens_is_refused(tmp_path):
 
 def test_tokenizer_from_copies_the_original_metadata(convert_smol, convert_dir, default_model):
     res = export_base(convert_smol.hf_dir, convert_dir / "tokfrom.gguf", tokenizer_from=default_model)
-    mine, orig = binding.read_header(res.path), binding.read_header(default_model)
+    mine, orig = read_header(res.path), read_header(default_model)
     assert {k: v for k, v in mine.raw.items() if k.startswith("tokenizer.")} == \
         {k: v for k, v in orig.raw.items() if k.startswith("tokenizer.")}
     with pytest.raises(CopeError, match="tokens but"):

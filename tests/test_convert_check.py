@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from convert.check import describe, render
-from cope_local import binding
+from cope_local.gguf_file import read_header
 from cope_local.cli import main
 
 
@@ -50,7 +50,7 @@ def test_mismatches_are_explained(lora_for_q4, default_model, convert_tiny, conv
     assert not info["fit"]["ok"] and "'gemma3'" in info["fit"]["reason"]
     modified = convert_dir / "check-modified.gguf"
     shutil.copyfile(default_model, modified)
-    t = binding.read_header(modified).tensors["blk.0.attn_v.weight"]
+    t = read_header(modified).tensors["blk.0.attn_v.weight"]
     with open(modified, "r+b") as f:
         f.seek(t.offset + 10)
         f.write(bytes(32))

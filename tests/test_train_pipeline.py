@@ -70,7 +70,7 @@ def test_full_pipeline_activates_an_adapter_that_changes_drafts(default_model, t
 
     active = profiles.active_adapter("ro")
     assert active is not None and active.parent == p.adapters_dir and active.suffix == ".gguf"
-    from cope_local.binding import read_header
+    from cope_local.gguf_file import read_header
 
     meta = read_header(active, what="adapter").values
     assert meta["cope.train.profile"] == "ro" and meta["cope.train.sft_steps"] == 3 and meta["cope.train.dpo"] is True
@@ -200,7 +200,7 @@ def test_tam_then_profile_on_top_of_it(default_model, tmp_path, cope):
     results = train_profile("ro", tiny_cfg(max_steps=1, dpo=False, tam_adapter="replies"), progress=False)
     assert [r.status for r in results] == ["ran", "ran", "ran", "off", "off", "ran", "ran"]
     assert profiles.active_tam("ro") == tam.gguf.resolve()
-    from cope_local.binding import read_header
+    from cope_local.gguf_file import read_header
 
     assert read_header(profiles.active_adapter("ro"), what="adapter").values["cope.train.tam"] == "replies"
     with pytest.raises(CopeError, match="no trained TAM"):

@@ -57,7 +57,7 @@ class ChatEncoder:
     """Messages -> ids the way the llama.cpp decoder makes them, with the HF tokenizer of the same GGUF."""
 
     def __init__(self, base_gguf: str | os.PathLike, tokenizer=None):
-        from cope_local.binding import read_header
+        from cope_local.gguf_file import read_header
 
         self.base = Path(base_gguf)
         hdr = read_header(self.base, what="base model")

@@ -87,7 +87,7 @@ def _ensure_cache(base_gguf: Path):
     from transformers.utils import logging as hf_logging
 
     from convert.torch_load import load_hf_model
-    from cope_local.binding import read_header
+    from cope_local.gguf_file import read_header
 
     print(f"preparing {base_gguf.name} for training (once; cached in {folder.parent})", file=sys.stderr)
     with _quiet_dequant_bar():
