@@ -53,7 +53,7 @@ async def test_create_a_profile_from_paths_showing_what_was_kept(tmp_path):
         screen = app.screen
         assert screen.selected() == "ro" and "ro" in profiles.profile_names()
         assert "40 texts" in str(screen.query_one("#prof-info").render())
-        assert screen.query_one("#from-edits").disabled  # training on edits: not there yet (noted)
+        assert screen.query_one("#from-edits").disabled  # from edits: needs a trained profile and 3 edit pairs
         await pilot.press("u")
         await ready(pilot)
         assert app.profile_name == "ro" and app.store.path == profiles.load_profile("ro").path / "cope.db"
@@ -144,3 +144,34 @@ async def test_cancel_interrupts_training_and_train_again_resumes(tmp_path, monk
         stages = profiles.load_profile("ro").stages_dir
         assert json.loads((stages / "inputs.json").read_text())["state"] == "done"  # kept: a rerun skips it
         assert not (stages / "pairs.jsonl").exists()
+
+
+@sync
+async def test_from_edits_learns_from_three_edited_drafts_and_the_next_draft_uses_it(monkeypatch, pytestconfig):
+    from test_train_edits import EDITS, save_edits
+
+    from cope_local.cli import main
+
+    monkeypatch.setenv("COPE_CACHE", str(pytestconfig.cache.mkdir("cope-train-cache")))
+    persona_profile("ro", adapter=False)
+    assert main(["profile", "train", "ro", "--max-steps", "1", "--set", "dpo=false", "--set", "max_target_tokens=32"]) == 0
+    trained = profiles.active_adapter("ro")
+    save_edits("ro", EDITS[:3])
+    app = make_app(profile="ro")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await app.switch_mode("profiles")
+        await pilot.pause(0.05)
+        screen = app.screen
+        button = screen.query_one("#from-edits")
+        assert not button.disabled and "(3)" in str(button.label)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: screen.training is None and screen.training_profile is None, timeout=120,
+                       what="the from-edits child")
+        assert "learned from your edits" in str(screen.query_one("#status").render())
+        new = profiles.active_adapter("ro")
+        assert new != trained
+        rows = {r.stage: r for r in screen.query(StageRow)}
+        assert rows["dpo"].query_one("ProgressBar").progress == 1.0 and rows["sft"].query_one("ProgressBar").progress == 0
+        await ready(pilot)
+        assert app.engine.sources.adapter == str(new)  # the next draft uses the new adapter

@@ -20,14 +20,15 @@ from cope_local import profile as profiles
 from cope_local.errors import CopeError
 from cope_local.store import export_edit_pairs
 from cope_local.tasks import DEFAULT_TASK, list_tasks
+from cope_local.train.edits import MIN_EDIT_PAIRS
 from tui.training import STAGES, Progress, TrainRun, run_training
 from tui.widgets import NavBar, StatusLine, steady
 
 if TYPE_CHECKING:
     from tui.app import CopeApp
 
-FROM_EDITS_NOTE = "training on your edits (`cope profile train NAME --from-edits`) is not available yet; " \
-                  "your edit pairs are kept meanwhile"
+FROM_EDITS_NOTE = (f"learn from your edits (`cope profile train NAME --from-edits`): DPO on your saved edits over "
+                   f"the drafts they replaced; needs a trained profile and {MIN_EDIT_PAIRS} edits")
 
 
 def report_text(n_items: int, report) -> str:
@@ -146,6 +147,7 @@ class ProfilesScreen(Screen):
         Binding("t", "train", "Train"),
         Binding("x", "cancel", "Cancel"),
         Binding("a", "activate", "Activate"),
+        Binding("e", "from_edits", "From edits"),
     ]
 
     app: CopeApp
@@ -153,6 +155,7 @@ class ProfilesScreen(Screen):
     def __init__(self) -> None:
         super().__init__()
         self.training: TrainRun | None = None
+        self.train_kind = "all"  # what the running (or last) training does: all | stages | edits
         self.training_profile: str | None = None
 
     def compose(self) -> ComposeResult:
@@ -249,7 +252,8 @@ class ProfilesScreen(Screen):
         if d.get("active_error"):
             lines.append(d["active_error"])
         if pairs:
-            lines.append("(training on edit pairs is not available yet; they are kept for it)")
+            lines.append(f"From edits (e) learns from them" if pairs >= MIN_EDIT_PAIRS and d["active_adapter"]
+                         else f"(From edits needs a trained profile and {MIN_EDIT_PAIRS} edit pairs)")
         info.update("\n".join(lines))
         adapters.set_options([(a, a) for a in reversed(d["adapters"])])
         if d["active_adapter"]:
@@ -262,7 +266,8 @@ class ProfilesScreen(Screen):
         n = len(export_edit_pairs(name))
         btn = self.query_one("#from-edits", Button)
         btn.label = f"From edits ({n})"
-        btn.disabled = True  # see FROM_EDITS_NOTE
+        trained = name is not None and profiles.active_adapter(name) is not None
+        btn.disabled = not trained or n < MIN_EDIT_PAIRS or self.training is not None
 
     # ---- actions ------------------------------------------------------------------------------
     def action_new(self) -> None:
@@ -309,8 +314,17 @@ class ProfilesScreen(Screen):
     def _activate(self) -> None:
         self.action_activate()
 
-    def action_train(self, stages: list[str] | None = None, settings: list[str] | None = None) -> None:
-        """Train the highlighted profile: all stages, or `stages`; `settings` are `--set KEY=VALUE` pairs."""
+    def action_from_edits(self) -> None:
+        """DPO on the highlighted profile's edit pairs, then export, verify, activate (`--from-edits`)."""
+        self.action_train(from_edits=True)
+
+    @on(Button.Pressed, "#from-edits")
+    def _from_edits_pressed(self) -> None:
+        self.action_from_edits()
+
+    def action_train(self, stages: list[str] | None = None, settings: list[str] | None = None,
+                     from_edits: bool = False) -> None:
+        """Train the highlighted profile: all stages, or `stages`, or on its edits; `settings` are `--set KEY=VALUE`."""
         name = self.selected()
         if name is None:
             self.status("pick a profile to train (or create one: n)")
@@ -325,16 +339,22 @@ class ProfilesScreen(Screen):
         self.training_profile = name
         self.query_one("#cancel", Button).disabled = False
         self.query_one("#train", Button).disabled = True
+        self.query_one("#from-edits", Button).disabled = True
         extra = (["--stages", ",".join(stages)] if stages else []) + [a for kv in settings or [] for a in ("--set", kv)]
-        self.status(f"training {name}: {' → '.join(stages or STAGES)} (x cancels; Train again resumes)")
-        self._train_worker(name, extra, bool(stages))
+        if from_edits:
+            extra.append("--from-edits")
+            self.status(f"{name}: learning from your edits: dpo → export → activate (x cancels)")
+        else:
+            self.status(f"training {name}: {' → '.join(stages or STAGES)} (x cancels; Train again resumes)")
+        self.train_kind = "edits" if from_edits else "stages" if stages else "all"
+        self._train_worker(name, extra)
 
     @on(Button.Pressed, "#train")
     def _train(self) -> None:
         self.action_train()
 
     @work(thread=True, exclusive=True, group="train")
-    def _train_worker(self, name: str, extra: list[str], partial: bool) -> None:
+    def _train_worker(self, name: str, extra: list[str]) -> None:
         def started(run: TrainRun) -> None:
             self.training = run
 
@@ -345,7 +365,7 @@ class ProfilesScreen(Screen):
             code, err = run_training(name, progress, extra=extra, started=started)
         except OSError as exc:
             code, err = 1, str(exc)
-        self.app.call_from_thread(self._trained, name, code, err, partial)
+        self.app.call_from_thread(self._trained, name, code, err)
 
     def _progress(self, p: Progress) -> None:
         self.seen_stages.add(p.stage)
@@ -355,21 +375,27 @@ class ProfilesScreen(Screen):
         for row in self.query(StageRow):
             if row.stage in self.off_stages:
                 pass
-            elif STAGES.index(row.stage) < done_before and row.query_one(ProgressBar).progress < 1.0:
+            elif (self.train_kind != "edits" and STAGES.index(row.stage) < done_before
+                  and row.query_one(ProgressBar).progress < 1.0):
                 row.query_one(ProgressBar).update(total=1.0, progress=1.0)
             if row.stage == p.stage:
                 row.set(p)
 
-    def _trained(self, name: str, code: int, err: str, partial: bool = False) -> None:
+    def _trained(self, name: str, code: int, err: str) -> None:
         cancelled = self.training is not None and self.training.cancelled
         self.training = None
         self.training_profile = None
         self.query_one("#cancel", Button).disabled = True
-        if code == 0 and partial:
+        if code == 0 and self.train_kind in ("stages", "edits"):
             for row in self.query(StageRow):
                 if row.stage in self.seen_stages - self.off_stages:
                     row.query_one(ProgressBar).update(total=1.0, progress=1.0)
-            self.status(f"{name}: the chosen stages ran; Train runs the rest")
+            if self.train_kind == "stages":
+                self.status(f"{name}: the chosen stages ran; Train runs the rest")
+            else:
+                self.status(f"{name} learned from your edits; its new adapter is active")
+                if name == self.app.profile_name:
+                    self.app.load_model()
         elif code == 0:
             for row in self.query(StageRow):
                 if row.stage not in self.off_stages:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from cope_local.errors import CopeError
 
 
 def _add_config_args(p) -> None:
@@ -34,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="profile name")
     p.add_argument("--stages", help="comma-separated stages to run (default: all): "
                                     "inputs,pairs,sft,negatives,dpo,export,activate")
+    p.add_argument("--from-edits", action="store_true",
+                   help="learn from your edits instead: DPO on (your edited draft > the generated one) pairs "
+                        "saved in the TUI, starting from the trained adapter; then export, verify, activate")
     _add_config_args(p)
     p.set_defaults(func=cmd_profile_train)
 
@@ -81,6 +87,19 @@ def cmd_profile_train(args) -> int:
     line = _settings_line(cfg)
     print(f"training profile {prof.name!r} (task {prof.task})" + (f"; {line}" if line else ""), file=sys.stderr)
     pipe = Pipeline(Workspace.from_profile(prof), cfg)
+    if args.from_edits:
+        if args.stages:
+            raise CopeError("--from-edits runs its own steps; leave out --stages")
+        from cope_local.train.edits import train_from_edits
+
+        info = train_from_edits(pipe, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        if args.json:
+            print(json.dumps({"profile": prof.name, "edits": info}, ensure_ascii=False, indent=1, default=str))
+        else:
+            print(f"  edits: {info['pairs']} pairs, margin {info['margin_before']:+.3f} -> {info['margin_after']:+.3f}, "
+                  f"active adapter {Path(info['adapter']).name}")
+            print(f"done: cope draft --profile {prof.name} \"...\"")
+        return 0
     results = pipe.run(args.stages.split(",") if args.stages else None)
     _print_results(results, args.json, {"profile": prof.name})
     if not args.json and any(r.stage == "activate" and r.status in ("ran", "skipped") for r in results):

@@ -46,6 +46,10 @@ class TrainConfig:
     dpo_epochs: float = 1  # passes over the pairs
     dpo_batch_size: int = 8  # pairs per optimizer step
     dpo_reference: str = "tam"  # "tam": user adapter off (the paper); "sft": the SFT adapter
+    # learning from edits (--from-edits, edits.py): DPO on the user's real corrections, reference = the trained adapter
+    edits_lr: float = 5e-5  # 10x the paper's DPO lr: a few pairs and steps, and at 5e-6 the margin barely moves
+    edits_epochs: float = 4  # passes over the edit pairs (few pairs: one pass is one or two steps)
+    edits_beta: float = 0.1  # DPO's common beta: the margin starts at 0 (reference = policy) and moves visibly
     # pipeline (cope_local/train/pipeline.py)
     dpo: bool = True  # run negatives + DPO after SFT (the paper); False: export the SFT (OPPU) adapter
     tam_adapter: str = ""  # TAM the user adapter builds on: a name from `cope tam train` or its folder; "" = none (amateur = base)
