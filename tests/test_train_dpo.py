@@ -13,6 +13,7 @@ import torch
 from conftest import train_tiny_cfg
 from cope_local.train import dpo as dpo_mod
 from cope_local.train.dpo import build_rows, load_policy, make_trainer, reference_logps, run_dpo
+from cope_local.train.negatives import candidate_length
 
 BETA = 0.1  # reference tests read the reference back as logps - rewards / beta: a tiny beta would magnify rounding
 
@@ -54,7 +55,8 @@ def test_rows_are_tokenized_like_drafting(default_model, train_tiny_pairs, train
         for pair, row in zip(pairs, rows):
             assert row["prompt_ids"] == dec.prompt_ids(pair["messages"])  # SmolLM2 adds no BOS: none is added
             assert row["chosen_ids"] == dec.model.tokenize(pair["target"], special=False) + [eot]
-            assert row["rejected_ids"][-1] == eot or len(row["rejected_ids"]) == train_tiny_cfg().neg_max_tokens
+            assert row["rejected_ids"][-1] == eot or len(row["rejected_ids"]) == candidate_length(train_tiny_cfg(),
+                                                                                                   len(row["chosen_ids"]))
 
 
 def test_the_loss_uses_the_model_with_the_user_adapter_off_as_reference(dpo_policy, tmp_path):

@@ -13,7 +13,7 @@ from conftest import TRAIN_TINY_HISTORY, train_tiny_cfg
 from cope_local.decode import Decoder
 from cope_local.train import negatives as neg_mod
 from cope_local.train.data import turn_end_id
-from cope_local.train.negatives import run_negatives
+from cope_local.train.negatives import candidate_length, run_negatives
 
 
 def _rows(path):
@@ -56,7 +56,7 @@ def test_kept_negative_is_the_lowest_reward_candidate(default_model, train_tiny_
                 assert (c["ids"][-1] == eot) == ended
                 assert dec.model.detokenize(c["ids"][:-1] if ended else c["ids"]) == c["text"]
                 if not ended:
-                    assert len(c["ids"]) == cfg.neg_max_tokens
+                    assert len(c["ids"]) == row["max_tokens"] == candidate_length(cfg, len(row["chosen_ids"]))
                 rewards.append(r)
             assert row["rejected"] == int(np.argmin(rewards))
             assert row["rejected_ids"] == cands[row["rejected"]]["ids"]

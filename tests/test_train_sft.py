@@ -178,8 +178,15 @@ def test_device_choice_and_micro_batches():
 
     from cope_local.train.device import bytes_per_token, choose_device, micro_batch_tokens, micro_batches
 
+    from cope_local.train.device import cpu_has_bf16
+
     plan = choose_device("cpu")
-    assert (plan.device, plan.dtype, plan.scaler) == ("cpu", "float32", False)
+    # the base stays float32 on a CPU; matmuls autocast to bf16 only where the CPU has bf16 instructions
+    assert (plan.device, plan.dtype, plan.scaler) == ("cpu", "bfloat16" if cpu_has_bf16() else "float32", False)
+    assert str(plan.storage_dtype()) == "torch.float32"
+    assert choose_device("cpu", "float32").dtype == "float32"
+    with pytest.raises(CopeError, match="precision"):
+        choose_device("cpu", "fp8")
     assert choose_device("auto").device == "cpu"  # this machine has no GPU
     for bad in ("cuda", "mps", "tpu"):
         with pytest.raises(CopeError, match="--device"):

@@ -25,7 +25,7 @@ import numpy as np
 
 from cope_local.decode import rule
 from cope_local.decode.detok import StreamDetokenizer
-from cope_local.decode.llama import Context, Model
+from cope_local.decode.llama import Context, Model, default_threads
 from cope_local.decode.prompt import Message, render_chat, with_bos
 from cope_local.errors import CopeError
 from cope_local.gguf_file import check_adapter, check_model
@@ -91,7 +91,7 @@ class Decoder:
         user_set = [(self.model.load_adapter(self.adapter_path), adapter_scale)] if self.adapter_path else []
         self._adapter_sets = {"amateur": tam_set, "expert": tam_set + user_set}
         self.n_ctx = min(n_ctx, self.model.n_ctx_train) if self.model.n_ctx_train > 0 else n_ctx
-        self.threads = threads
+        self.threads = threads  # None: default_threads(), looked at again before every generation
         self._contexts: dict[str, Context] = {}
         self.chat_template = self.model.chat_template()
 
@@ -107,6 +107,8 @@ class Decoder:
             ctx = Context(self.model, size, self.threads)
             ctx.set_adapters(self._adapter_sets[role])
             self._contexts[role] = ctx
+        elif self.threads is None and need:
+            ctx.set_threads(default_threads())  # a long job (negatives, eval) follows the machine's load
         return ctx
 
     @property

@@ -83,7 +83,7 @@ def _busy_elsewhere() -> int:
         except (OSError, ValueError, IndexError):
             return 0
         seen.append(running - 1)  # this process is one of them
-        time.sleep(0.003)
+        time.sleep(0.001)
     return max(0, min(seen))
 
 
@@ -203,6 +203,12 @@ class Context:
         self.n_batch = n_batch
         self.n_past = 0
         self.n_vocab = model.n_vocab
+
+    def set_threads(self, threads: int) -> None:
+        """Change the thread count for the next decodes (cheap: the thread pool follows)."""
+        if threads != self.threads:
+            C.llama_set_n_threads(self.ptr, threads, threads)
+            self.threads = threads
 
     def set_adapters(self, adapters: list[tuple[LoraAdapter, float]]) -> None:
         n = len(adapters)

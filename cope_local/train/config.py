@@ -25,6 +25,7 @@ class LoraSpec:
 class TrainConfig:
     seed: int = 0  # one seed for data order, LoRA init, sampling
     device: str = "auto"  # auto: cuda, else mps, else cpu
+    precision: str = "auto"  # auto: bf16 matmuls where the hardware has them (GPUs; CPUs with AVX512-BF16/AMX); "float32"
     max_prompt_tokens: int = 384  # longer prompts lose the end of their last message's text (the template's framing stays)
     max_target_tokens: int = 256  # longer targets are cut at the end (and get no end-of-turn token)
     batch_tokens: int = 2048  # memory budget per micro-batch (tokens); batches accumulate to batch_size
@@ -39,6 +40,8 @@ class TrainConfig:
     neg_temperature: float = 1.0  # sampling temperature
     neg_top_p: float = 0.95  # nucleus mass
     neg_max_tokens: int = 128  # length cap of a candidate
+    neg_length_ratio: float = 2.0  # and at most this x the real text's tokens + 8: a 100-token ramble against a
+    #                                30-token note teaches "be short", not the voice, and costs 3x the time (0: off)
     neg_reward_prompt: bool = False  # True: reward mean also over prompt tokens (the paper's code); False: completion only (negatives.py says why)
     # DPO on the user adapter (paper: beta 0.01, lr 5e-6, 1 epoch, batch 8, reference = TAM)
     dpo_beta: float = 0.01  # KL strength

@@ -1,10 +1,13 @@
 """Where and in what precision training runs, and how big each micro-batch may be.
 
-CUDA, else Apple MPS, else CPU (`--device` overrides). CPU trains in float32
-(bf16 matmuls on CPUs without AMX are slower, not faster); GPUs in bfloat16
-where supported, else float16 with a gradient scaler. The LoRA weights stay
-float32 either way (peft keeps adapter weights in fp32), only the frozen base
-is stored in the low precision.
+CUDA, else Apple MPS, else CPU (`--device` overrides). GPUs train in bfloat16
+where supported, else float16 with a gradient scaler, the frozen base stored in
+that precision. CPUs keep the base in float32 and autocast the matmuls to
+bfloat16 where the CPU has bf16 instructions (AVX512-BF16 or AMX: a SmolLM2
+LoRA step took 1.7 s instead of 2.7 s here, the loss equal to 3 decimals);
+other CPUs, where bf16 is emulated and slower, stay in float32, as does
+`precision = "float32"`. The LoRA weights stay float32 either way (peft
+keeps adapter weights in fp32).
 
 An optimizer step is `batch_size` examples; they are split into micro-batches
 whose padded token count fits the memory left after the model is loaded, and
@@ -31,9 +34,10 @@ MIN_MICRO_TOKENS = 32  # below this a step is all overhead; one example always f
 @dataclass
 class DevicePlan:
     device: str  # torch device string: "cpu", "cuda", "cuda:1", "mps"
-    dtype: str  # "float32" | "bfloat16" | "float16": the frozen base's storage and autocast dtype
+    dtype: str  # "float32" | "bfloat16" | "float16": the autocast (matmul) dtype
     scaler: bool  # float16: scale the loss so small gradients do not underflow
     threads: int  # CPU threads torch may use (also sets the arithmetic order: keep it fixed for exact resume)
+    storage: str = ""  # the frozen base's dtype when it differs from `dtype` (CPU: float32 weights, bf16 matmuls)
 
     @property
     def kind(self) -> str:
@@ -44,8 +48,13 @@ class DevicePlan:
 
         return getattr(torch, self.dtype)
 
+    def storage_dtype(self):
+        import torch
+
+        return getattr(torch, self.storage or self.dtype)
+
     def autocast(self):
-        """Context for forward passes: autocast on GPUs, nothing on CPU (fp32)."""
+        """Context for forward passes: autocast to the plan's dtype; nothing in float32."""
         import contextlib
 
         import torch
@@ -85,8 +94,20 @@ def _supports_bf16(torch, device: str) -> bool:
         return False
 
 
-def choose_device(pref: str = "auto") -> DevicePlan:
-    """The device to train on; `pref` is "auto", "cpu", "cuda", "cuda:N" or "mps"."""
+def cpu_has_bf16() -> bool:
+    """The CPU executes bf16 dot products natively (Linux flags avx512_bf16 / amx_bf16); elsewhere False."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def choose_device(pref: str = "auto", precision: str = "auto") -> DevicePlan:
+    """The device to train on; `pref` is "auto", "cpu", "cuda", "cuda:N" or "mps";
+    `precision` "auto" (bf16 where the hardware does it fast) or "float32"."""
+    if precision not in ("auto", "float32"):
+        raise CopeError(f"precision = {precision!r}: use \"auto\" or \"float32\"")
     import torch
 
     pref = (pref or "auto").strip().lower()
@@ -100,7 +121,8 @@ def choose_device(pref: str = "auto") -> DevicePlan:
         else:
             pref = "cpu"
     if pref == "cpu":
-        return DevicePlan("cpu", "float32", False, threads)
+        fast = precision == "auto" and cpu_has_bf16()
+        return DevicePlan("cpu", "bfloat16" if fast else "float32", False, threads, storage="float32")
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
             raise CopeError(f"--device {pref}: torch sees no CUDA GPU (this torch is {torch.__version__}); "
@@ -114,6 +136,8 @@ def choose_device(pref: str = "auto") -> DevicePlan:
             raise CopeError("--device mps: Apple Metal (MPS) is not available to torch here; use --device cpu")
     else:
         raise CopeError(f"--device {pref!r}: unknown; use one of: auto, cpu, cuda, cuda:N, mps")
+    if precision == "float32":
+        return DevicePlan(pref, "float32", False, threads)
     if _supports_bf16(torch, pref):
         return DevicePlan(pref, "bfloat16", False, threads)
     return DevicePlan(pref, "float16", True, threads)

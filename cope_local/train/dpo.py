@@ -108,8 +108,11 @@ def load_policy(base_gguf, sft_peft_dir, tam_peft_dir=None):
     return policy, tokenizer
 
 
-def sequence_logps(model, rows: list[dict], batch_size: int, pad_id: int) -> tuple[list[float], list[float]]:
-    """Sum of log p over the completion tokens of chosen and rejected, per row (our own forward, not trl's)."""
+def sequence_logps(model, rows: list[dict], batch_size: int, pad_id: int, autocast=None) -> tuple[list[float], list[float]]:
+    """Sum of log p over the completion tokens of chosen and rejected, per row (our own forward, not trl's).
+    autocast: a context (DevicePlan.autocast) so the numbers match the precision trl trains in."""
+    import contextlib
+
     import torch
 
     chosen, rejected = [], []
@@ -128,7 +131,8 @@ def sequence_logps(model, rows: list[dict], batch_size: int, pad_id: int) -> tup
                     ids[i, : len(s)] = torch.tensor(s)
                     mask[i, : len(s)] = 1
                 ids, mask = ids.to(model.device), mask.to(model.device)
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (2b, T, V)
+                with autocast or contextlib.nullcontext():
+                    logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (2b, T, V)
                 logp = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1)  # (2b, T-1)
                 keep = torch.zeros_like(logp)
                 for i, s in enumerate(seqs):
@@ -211,13 +215,13 @@ def _callbacks(cfg: TrainConfig, state: dict):
     return [Progress()]
 
 
-def reference_logps(policy, rows: list[dict], reference: str, batch_size: int, pad_id: int):
+def reference_logps(policy, rows: list[dict], reference: str, batch_size: int, pad_id: int, autocast=None):
     """Reference log-prob sums (chosen, rejected): "tam" = user adapter disabled, "sft" = the adapter as loaded."""
     if reference == "tam":
         with policy.disable_adapter():
-            return sequence_logps(policy, rows, batch_size, pad_id)
+            return sequence_logps(policy, rows, batch_size, pad_id, autocast)
     if reference == "sft":
-        return sequence_logps(policy, rows, batch_size, pad_id)
+        return sequence_logps(policy, rows, batch_size, pad_id, autocast)
     raise CopeError(f"dpo_reference is {reference!r}; use \"tam\" (the paper) or \"sft\"")
 
 
@@ -260,7 +264,7 @@ def make_trainer(policy, tokenizer, rows: list[dict], ref: tuple[list[float], li
         use_cpu=plan is None or plan.kind == "cpu",
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        bf16=plan is not None and plan.dtype == "bfloat16",  # GPUs: mixed precision; CPU: float32
+        bf16=plan is not None and plan.dtype == "bfloat16",  # autocast (GPUs; CPUs with bf16 instructions); else float32
         fp16=plan is not None and plan.dtype == "float16",
     )
     dataset = Dataset.from_list([
@@ -310,7 +314,7 @@ def run_dpo(pairs_path, negatives_path, base_gguf, sft_peft_dir, out_dir, cfg: T
         return out_dir
     rows = build_rows(pairs_path, negatives_path)
     work = _work_dir(out_dir, _inputs_key(rows, base_gguf, sft_peft_dir, tam_peft_dir, cfg))
-    plan = choose_device(cfg.device)  # also fixes torch's thread count
+    plan = choose_device(cfg.device, cfg.precision)  # also fixes torch's thread count
     print(f"dpo: {len(rows)} pairs on {plan.describe()}, reference = {cfg.dpo_reference}", file=sys.stderr)
     set_seed(cfg.seed)
     policy, tokenizer = load_policy(base_gguf, sft_peft_dir, tam_peft_dir)
@@ -327,8 +331,8 @@ def run_dpo(pairs_path, negatives_path, base_gguf, sft_peft_dir, out_dir, cfg: T
     else:
         micro = plan_batches(rows, cfg, plan, policy.config)[0]
         print(f"dpo: scoring {len(rows)} pairs under the policy and the reference ({cfg.dpo_reference})", file=sys.stderr)
-        ref = reference_logps(policy, rows, cfg.dpo_reference, micro, pad_id)
-        pol0 = ref if cfg.dpo_reference == "sft" else sequence_logps(policy, rows, micro, pad_id)
+        ref = reference_logps(policy, rows, cfg.dpo_reference, micro, pad_id, plan.autocast())
+        pol0 = ref if cfg.dpo_reference == "sft" else sequence_logps(policy, rows, micro, pad_id, plan.autocast())
         atomic_write_text(before_path, json.dumps({"policy": pol0, "ref": ref, "micro": micro}))
     before = preference_metrics(pol0, ref, cfg.dpo_beta)
     print(f"dpo: before: margin {before['margin_mean']:+.4f}, accuracy {before['accuracy']:.2f}, loss {before['loss']:.4f}",
@@ -352,7 +356,7 @@ def run_dpo(pairs_path, negatives_path, base_gguf, sft_peft_dir, out_dir, cfg: T
     steps = trainer.state.global_step
     steps_run = steps - (int(Path(resume).name.split("-")[1]) if resume else 0)
 
-    after = preference_metrics(sequence_logps(trainer.model, rows, micro, pad_id), ref, cfg.dpo_beta)
+    after = preference_metrics(sequence_logps(trainer.model, rows, micro, pad_id, plan.autocast()), ref, cfg.dpo_beta)
     print(f"dpo: after: margin {after['margin_mean']:+.4f}, accuracy {after['accuracy']:.2f}, loss {after['loss']:.4f}",
           file=sys.stderr)
     metrics = {
@@ -407,7 +411,7 @@ def _inputs_key(rows, base_gguf, sft_peft_dir, tam_peft_dir, cfg: TrainConfig) -
         "sft": _digest(sft_peft_dir),
         "tam": _digest(tam_peft_dir),
         "cfg": [cfg.dpo_beta, cfg.dpo_lr, cfg.dpo_epochs, cfg.dpo_batch_size, cfg.dpo_reference, cfg.seed,
-                cfg.max_steps, cfg.batch_tokens],
+                cfg.max_steps, cfg.batch_tokens, cfg.precision],
     }
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:24]
 

@@ -11,6 +11,11 @@ the user's implicit reward
 and scoring both run in llama.cpp (one mmapped model, two contexts), ~7x
 faster than transformers here; no torch in this module.
 
+Length: candidates stop at neg_max_tokens and at neg_length_ratio x the real
+text's length + 8 tokens (the paper has no such cap). The base model happily
+writes 100+ tokens where the user wrote 30; such a pair teaches DPO mostly
+"be short", and sampling and scoring it costs three times as much.
+
 What the mean runs over: the completion tokens, i.e. the sampled text plus the
 turn-end token where the amateur ended its turn (a text cut at neg_max_tokens
 gets none, the rule data.py applies to cut targets), exactly the ids DPO later
@@ -46,7 +51,7 @@ from cope_local.errors import CopeError
 from cope_local.paths import atomic_path, atomic_write_text
 from cope_local.train.config import TrainConfig
 
-FORMAT = 3  # row layout, sampling and scoring version: part of the fingerprint
+FORMAT = 4  # row layout, sampling and scoring version: part of the fingerprint
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -185,12 +190,20 @@ def fingerprint(base_gguf, user_adapter_gguf, tam_gguf, cfg: TrainConfig) -> str
         "temperature": cfg.neg_temperature,
         "top_p": cfg.neg_top_p,
         "max_tokens": cfg.neg_max_tokens,
+        "length_ratio": cfg.neg_length_ratio,
         "seed": cfg.seed,
         "with_prompt": cfg.neg_reward_prompt,
         "max_prompt_tokens": cfg.max_prompt_tokens,
         "max_target_tokens": cfg.max_target_tokens,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def candidate_length(cfg: TrainConfig, n_chosen: int) -> int:
+    """Token cap of the candidates for a real text of n_chosen tokens (cfg.neg_max_tokens, cfg.neg_length_ratio)."""
+    if cfg.neg_length_ratio > 0:
+        return min(cfg.neg_max_tokens, int(cfg.neg_length_ratio * n_chosen) + 8)
+    return cfg.neg_max_tokens
 
 
 def negatives_for_item(dec, index: int, row: dict, cfg: TrainConfig, turn_end: int) -> dict:
@@ -201,10 +214,11 @@ def negatives_for_item(dec, index: int, row: dict, cfg: TrainConfig, turn_end: i
     with_prompt = cfg.neg_reward_prompt
     samples = []
     seeds = [sample_seed(cfg.seed, index, k) for k in range(cfg.neg_samples)]
+    max_tokens = candidate_length(cfg, len(chosen_ids))
     # the K candidates decode as parallel sequences: one llama.cpp call per step for all of them
-    if cfg.neg_max_tokens > 0:
+    if max_tokens > 0:
         gens = dec.sample_many(prompt_ids, GenConfig(mode="base", temperature=cfg.neg_temperature, top_p=cfg.neg_top_p,
-                                                     max_tokens=cfg.neg_max_tokens), seeds)
+                                                     max_tokens=max_tokens), seeds)
     else:
         gens = [Generation(text="", tokens=[], n_prompt=len(prompt_ids), stop_reason="length", mode="base") for _ in seeds]
     for seed, gen in zip(seeds, gens):
@@ -232,6 +246,7 @@ def negatives_for_item(dec, index: int, row: dict, cfg: TrainConfig, turn_end: i
         "pair": pair_digest(row),
         "prompt_ids": prompt_ids,
         "chosen_ids": chosen_ids,
+        "max_tokens": max_tokens,
         "prompt": prompt_part,
         "chosen": chosen,
         "candidates": candidates,

@@ -120,17 +120,19 @@ class Pipeline:
             spec = c.tam if self.ws.kind == "tam" else c.user
             batch = c.tam_batch_size if self.ws.kind == "tam" else c.sft_batch_size
             d |= {"pairs": self._file_key(self.p("pairs"), "pairs"), "spec": spec.__dict__, "batch": batch,
-                  "seed": c.seed, "max_steps": c.max_steps, "tam": self.tam.key if self.tam else None}
+                  "seed": c.seed, "max_steps": c.max_steps, "tam": self.tam.key if self.tam else None,
+                  "precision": c.precision}
         elif stage == "negatives":
             d |= {"pairs": self._file_key(self.p("pairs"), "pairs"), "sft": self._file_key(self.p("sft_gguf"), "sft"),
                   "tam": self.tam.key if self.tam else None, "seed": c.seed,
-                  "neg": [c.neg_samples, c.neg_temperature, c.neg_top_p, c.neg_max_tokens, c.neg_reward_prompt]}
+                  "neg": [c.neg_samples, c.neg_temperature, c.neg_top_p, c.neg_max_tokens, c.neg_reward_prompt,
+                          c.neg_length_ratio]}
         elif stage == "dpo":
             d |= {"pairs": self._file_key(self.p("pairs"), "pairs"),
                   "negatives": self._file_key(self.p("negatives"), "negatives"),
                   "sft": self._file_key(self.p("sft_adapter"), "sft"), "tam": self.tam.key if self.tam else None,
                   "dpo": [c.dpo_beta, c.dpo_lr, c.dpo_epochs, c.dpo_batch_size, c.dpo_reference], "seed": c.seed,
-                  "max_steps": c.max_steps}
+                  "max_steps": c.max_steps, "precision": c.precision}
         elif stage == "export":
             d |= {"adapter": self._file_key(self.final_adapter(), "dpo" if self.uses_dpo else "sft"),
                   "base": base_fingerprint(self.base), "tam": self.tam.key if self.tam else None}

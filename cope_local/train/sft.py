@@ -98,7 +98,7 @@ def run_key(pairs_sha: str, spec: LoraSpec, batch_size: int, cfg: TrainConfig, b
             label: str) -> str:
     """What a checkpoint is valid for: same data, settings, base and TAM, or it is not resumed."""
     data = {"v": SFT_CODE_VERSION, "pairs": pairs_sha, "spec": asdict(spec), "batch": batch_size, "seed": cfg.seed,
-            "max_steps": cfg.max_steps, "base": base_fp, "tam": tam_sha, "label": label}
+            "max_steps": cfg.max_steps, "base": base_fp, "tam": tam_sha, "label": label, "precision": cfg.precision}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:24]
 
 
@@ -152,7 +152,7 @@ def _lora_model(base_gguf, spec: LoraSpec, plan, seed: int, tam_peft: Path | Non
 
     from cope_local.train.hf import load_base, offline
 
-    model, tokenizer = load_base(base_gguf, plan.torch_dtype())
+    model, tokenizer = load_base(base_gguf, plan.storage_dtype())
     if tam_peft is not None:
         with offline():
             model = PeftModel.from_pretrained(model, str(tam_peft)).merge_and_unload()  # base + TAM, in memory
@@ -199,7 +199,7 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
     key = run_key(file_sha(pairs_path), spec, batch_size, cfg, base_fingerprint(base_gguf),
                   dir_sha(tam_peft) if tam_peft else None, label)
 
-    plan = choose_device(cfg.device)
+    plan = choose_device(cfg.device, cfg.precision)
     state = None
     if ckpt_path.exists():
         try:
