@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "cope_local.commands.train",  # cope profile train, cope tam train
     "cope_local.commands.demo",  # cope demo
     "cope_local.commands.tui",  # cope tui
+    "cope_local.commands.eval",  # cope eval run|sweep
     "convert.cli",  # cope convert adapter|base|check
 ]
 

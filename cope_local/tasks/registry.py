@@ -52,6 +52,16 @@ class Task:
     fallback: str | None = None  # task whose template serves items without input (email-reply -> email)
     target_fields: tuple[str, ...] = DEFAULT_TARGET_FIELDS  # row fields holding the user's text (ingest)
     input_fields: tuple[str, ...] = DEFAULT_INPUT_FIELDS  # row fields holding its input (ingest)
+    input_format: str = ""  # several row fields joined into {input} (LongLaMP review); "" = one field of input_fields
+
+    def row_input(self, row: dict) -> str | None:
+        """{input} for a multi-field benchmark row (input_format), or None when the task has none or a field is missing."""
+        if not self.input_format:
+            return None
+        keys = re.findall(r"{(\w+)}", self.input_format)
+        if any(row.get(k) in (None, "") for k in keys):
+            return None
+        return self.input_format.format(**{k: str(row[k]).strip() for k in keys})
 
     def draft_messages(self, user_text: str) -> Messages:
         """Chat messages asking for a draft; `user_text` fills {input} (the mail to answer, a topic, a text)."""
@@ -163,13 +173,38 @@ TASKS: dict[str, Task] = {
              max_new_tokens=64, input_kind="source", missing="paraphrase"),
     ]
 }
-ALIASES = {"lamp-7": "lamp7", "reply": "email-reply", "tweet": "lamp7"}
+# Benchmark-only tasks (LongLaMP, Kumar et al. 2024), with the benchmarks' own prompts: `cope eval` and get_task
+# find them; they stay out of TASKS so the everyday task pickers (CLI help, TUI) list only writing tasks.
+BENCHMARK_TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("abstract-generation", "write a paper abstract (input: its title) - LongLaMP-2",
+             'Generate an abstract for the title "{input}"',
+             default_alpha=0.1,  # 0.1: the paper code's default (no per-task value for LongLaMP)
+             max_new_tokens=600, input_kind="source", missing="drop",  # 600: the paper's cap for LongLaMP
+             target_fields=("output", "abstract"), input_fields=("input", "title")),
+        Task("review-writing", "write a product review (input: rating, description, summary) - LongLaMP-3",
+             "Generate the review text written by a reviewer who has a given an overall rating of {input}",
+             default_alpha=0.1, max_new_tokens=600, input_kind="source", missing="drop",
+             target_fields=("output", "reviewText", "review"), input_fields=("input", "summary", "description"),
+             input_format='"{overall}" for a product with description "{description}". '
+                          'The summary of the review text is "{summary}".'),
+        Task("topic-writing", "write a reddit post (input: its summary) - LongLaMP-4",
+             "Generate the content for a reddit post {input}",
+             default_alpha=0.1, max_new_tokens=600, input_kind="source", missing="drop",
+             target_fields=("output", "content"), input_fields=("input", "summary")),
+    ]
+}
+ALIASES = {"lamp-7": "lamp7", "reply": "email-reply", "tweet": "lamp7", "lamp-4": "headline", "lamp-5": "title",
+           "longlamp-2": "abstract-generation", "longlamp-3": "review-writing", "longlamp-4": "topic-writing"}
 DEFAULT_TASK = "email-reply"
 
 
 def get_task(name: str) -> Task:
     key = (name or "").strip().lower()
-    key = ALIASES.get(key, key)
+    key = ALIASES.get(key, key).replace("_", "-")
+    if key in BENCHMARK_TASKS:
+        return BENCHMARK_TASKS[key]
     if key not in TASKS:
         raise CopeError(f"--task {name!r}: unknown task; choose one of: {', '.join(TASKS)}")
     return TASKS[key]

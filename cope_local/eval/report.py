@@ -1,0 +1,114 @@
+"""table.md (laid out like the paper's Table 1) and rougeL.png from the rows of one run.
+
+Only the rows whose settings key this run asked for are reported, so an older run's rows in the
+same results.jsonl (other alpha, other adapters) never mix into the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cope_local.eval.metrics import RESAMPLES, SEED, paired, summarize
+from cope_local.paths import atomic_path, atomic_write_text
+
+COMPARISONS = (("cope", "oppu"), ("cope", "tam"))  # differences with CIs under the table (the issue's two)
+
+
+def report_rows(cfg, keys: dict) -> list[dict]:
+    from cope_local.eval.results import RESULTS, latest, read_rows
+    from cope_local.eval.runner import out_dir
+
+    return latest(read_rows(out_dir(cfg) / RESULTS), keys)
+
+
+def _ci_lines(rows: list[dict], comparisons) -> tuple[list[str], dict]:
+    lines, data = [], {}
+    for a, b in comparisons:
+        for metric in ("rougeL", "rouge1"):
+            res = paired(rows, a, b, metric)
+            if res is None:
+                continue
+            q, u, n = res
+            lines.append(f"- {a} - {b}, {metric}: {q.fmt()} (query bootstrap, n = {n} queries); "
+                         f"{u.fmt()} (user bootstrap)")
+            data[f"{a}-{b}:{metric}"] = {"mean": q.mean, "query_ci": [q.low, q.high], "user_ci": [u.low, u.high],
+                                         "n": n}
+    return lines, data
+
+
+def write_report(cfg, keys: dict, users) -> dict:
+    """Write table.md and rougeL.png; return the numbers for the JSON summary."""
+    from cope_local.eval.runner import out_dir
+
+    rows = report_rows(cfg, keys)
+    methods = [m for m in cfg.methods if any(r["method"] == m for r in rows)]
+    summary = summarize(rows, methods)
+    ci_lines, cis = _ci_lines(rows, COMPARISONS)
+    settings = next((r["settings"] for r in rows if r["settings"].get("mode") == "cope"), rows[0]["settings"] if rows else {})
+    user_ids = list(dict.fromkeys(r["user_id"] for r in rows))
+    n_queries = len({(r["user_id"], r["query_id"]) for r in rows})
+    n_held = len({(r["user_id"], r["query_id"]) for r in rows if r["query_kind"] == "holdout"})
+    decoding = (f"greedy, max tokens {settings.get('max_tokens')}, alpha {settings.get('alpha', cfg.alpha)}, "
+                f"tau {settings.get('tau', cfg.tau)}")
+    rouge_note = (f"rouge-score, F-measure, no stemming, mean over all queries; CIs: {RESAMPLES} bootstrap "
+                  f"resamples (seed {SEED}), 95 % percentile")
+    split = ("none (--no-tam): the amateur is the raw base, and `tam` equals `base`" if cfg.no_tam else
+             "2-fold by sha256(user_id) mod 2: fold A users use a TAM trained on fold B users' histories "
+             "(all of the file's fold-B users, their held-out items excluded) and vice versa")
+    lines = [
+        "# cope eval", "",
+        f"- command: `{cfg.command}`",
+        f"- date: {datetime.now(timezone.utc).replace(microsecond=0).isoformat()}",
+        f"- data: {cfg.data}" + (f" + {cfg.outputs}" if cfg.outputs else ""),
+        f"- model: {settings.get('model', cfg.model or 'default')}",
+        f"- users: {len(user_ids)}; queries: {n_queries} ({n_held} held out from profiles, --holdout {cfg.holdout})",
+        f"- TAM split: {split}",
+        f"- decoding: {decoding}",
+        f"- ROUGE: {rouge_note}", "",
+        "| method | ROUGE-1 | ROUGE-L | words | length ratio | ROUGE-L 95 % CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        s = summary[m]
+        lines.append(f"| {m} | {s.rouge1:.3f} | {s.rougeL:.3f} | {s.words:.1f} | {s.length_ratio:.2f} | "
+                     f"[{s.rougeL_ci.low:.3f}, {s.rougeL_ci.high:.3f}] |")
+    lines += ["", "Differences (mean over paired queries, 95 % CI):", ""] + (ci_lines or ["- (no pairs to compare)"])
+    lines += ["", "Per-user ROUGE-L:", "", "| user | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for u in user_ids:
+        lines.append(f"| {u} | " + " | ".join(f"{summary[m].user_rougeL.get(u, float('nan')):.3f}" for m in methods) + " |")
+    out = out_dir(cfg)
+    atomic_write_text(out / "table.md", "\n".join(lines) + "\n", mode=0o644)
+    chart(summary, methods, out / "rougeL.png", title=f"ROUGE-L, {len(user_ids)} users, {n_queries} queries")
+    return {"methods": {m: {"rouge1": summary[m].rouge1, "rougeL": summary[m].rougeL, "words": summary[m].words,
+                            "length_ratio": summary[m].length_ratio, "n": summary[m].n} for m in methods},
+            "differences": cis}
+
+
+def chart(summary: dict, methods: list[str], path: Path, title: str = "ROUGE-L") -> Path | None:
+    """Bar chart of pooled ROUGE-L per method with its bootstrap 95 % CI (matplotlib, Agg, imported here)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{path}: matplotlib is not installed; no chart (pip install matplotlib)", file=sys.stderr)
+        return None
+    vals = [summary[m].rougeL for m in methods]
+    err = [[max(0.0, v - summary[m].rougeL_ci.low) for m, v in zip(methods, vals)],
+           [max(0.0, summary[m].rougeL_ci.high - v) for m, v in zip(methods, vals)]]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) + 1), 3.6), dpi=120)
+    ax.bar(methods, vals, yerr=err, capsize=4, color="#4c72b0")
+    for i, v in enumerate(vals):
+        ax.text(i, v / 2, f"{v:.3f}", ha="center", va="center", color="white", fontsize=8)
+    ax.set_ylabel("ROUGE-L (95 % CI)")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(0, max([0.05] + [h for h in (summary[m].rougeL_ci.high for m in methods) if math.isfinite(h)]) * 1.15)
+    fig.tight_layout()
+    with atomic_path(path, 0o644) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

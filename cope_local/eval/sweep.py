@@ -1,0 +1,126 @@
+"""`cope eval sweep`: CoPe's ROUGE-L over a grid of (alpha, tau), decoding only, on the adapters of a run.
+
+The adapters, TAM split and settings come from OUT/eval.json and OUT/users/*/stages (written by
+`cope eval run`); nothing is trained. Rows go to the same results.jsonl (cached: a grid point
+already decoded is free), and sweep.md gives, per point, CoPe's pooled ROUGE-L and its
+difference to OPPU (the SFT adapter decoded alone) with paired bootstrap CIs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cope_local.errors import CopeError
+from cope_local.eval.runner import EvalConfig, out_dir
+
+HINT = "run `cope eval run` first"
+
+
+@dataclass
+class SweepJob:
+    cfg: EvalConfig
+    train: object  # TrainConfig
+    user: object  # EvalUser
+    grid: list  # [(alpha, tau)]
+
+
+def load_run(data: str, out: str, outputs: str | None = None) -> EvalConfig:
+    """The EvalConfig of the run that trained the adapters in OUT."""
+    path = Path(out).expanduser().resolve() / "eval.json"
+    if not path.exists():
+        raise CopeError(f"{path}: no evaluation run in this folder; {HINT} with --out {out}")
+    info = json.loads(path.read_text())
+    if Path(info["data"]).expanduser().resolve() != Path(data).expanduser().resolve():
+        raise CopeError(f"--data {data}: the run in {path.parent} was on {info['data']}; give the same file "
+                        f"or {HINT} on this one with another --out")
+    keep = {k: info[k] for k in ("data", "outputs", "out", "users", "model", "tau", "max_tokens", "holdout",
+                                 "no_tam", "max_steps", "device") if k in info}
+    keep["out"] = out  # as given now (the folder may have moved since the run)
+    return EvalConfig(**keep, methods=("oppu", "cope"), sets=tuple(info.get("sets") or ()))
+
+
+def sweep_job(job: SweepJob) -> dict:
+    from cope_local.eval.generate import Decoding, generate_user
+    from cope_local.eval.results import RESULTS, read_rows, row_key
+    from cope_local.eval.runner import (
+        decoding_for,
+        holdout_queries,
+        tam_dir,
+        user_adapters,
+        user_train_config,
+        user_workspace,
+    )
+    from cope_local.train.pipeline import Pipeline
+
+    cfg, user = job.cfg, job.user
+    if not cfg.no_tam and not (tam_dir(cfg, user.fold) / "tam.json").exists():
+        raise CopeError(f"{tam_dir(cfg, user.fold)}: the TAM for user {user.user_id} is missing; {HINT}")
+    ws = user_workspace(cfg, user)
+    if not (ws.stages_dir / "sft.json").exists():
+        raise CopeError(f"{ws.path}: the adapters for user {user.user_id} are missing; {HINT}")
+    pipe = Pipeline(ws, user_train_config(cfg, job.train, user), progress=False)
+    ad = user_adapters(cfg, pipe, user, need_dpo=True)
+    queries = user.queries + holdout_queries(user, ws, pipe.base)
+    results = out_dir(cfg) / RESULTS
+    done = {row_key(r) for r in read_rows(results) if r["user_id"] == user.user_id}
+    base_dec = decoding_for(cfg, ws.task)
+    out = {"user_id": user.user_id, "generated": 0, "cached": 0, "keys": {}}
+    for alpha, tau in job.grid:
+        stats = generate_user(user, queries, ("oppu", "cope"), ad, Decoding(alpha, tau, base_dec.max_tokens),
+                              results, done)
+        out["generated"] += stats["generated"]
+        out["cached"] += stats["cached"]
+        out["keys"][f"{alpha},{tau}"] = [[*k, v] for k, v in stats["keys"].items()]
+    return out
+
+
+def parse_grid(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise CopeError(f"--{what} {text!r}: expected comma-separated numbers, e.g. 0.1,0.3") from None
+    if not vals or any(not (0 <= v <= 10) for v in vals):
+        raise CopeError(f"--{what} {text!r}: give at least one number between 0 and 10")
+    return vals
+
+
+def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, outputs: str | None = None,
+              jobs: int = 1, command: str = "") -> dict:
+    from cope_local.eval.metrics import paired, summarize
+    from cope_local.eval.results import RESULTS, latest, read_rows, repair_tail
+    from cope_local.eval.runner import run_jobs, select_users, train_config
+    from cope_local.paths import atomic_write_text
+
+    t0 = time.monotonic()
+    cfg = load_run(data, out, outputs)
+    _, selected = select_users(cfg)
+    train = train_config(cfg)
+    grid = [(a, t) for a in alphas for t in taus]
+    repair_tail(out_dir(cfg) / RESULTS)
+    res = run_jobs([SweepJob(cfg, train, u, grid) for u in selected], jobs, fn=sweep_job)
+    rows_all = read_rows(out_dir(cfg) / RESULTS)
+    tam = "none (--no-tam)" if cfg.no_tam else "2-fold split (see table.md)"
+    lines = ["# cope eval sweep", "", f"- command: `{command}`", f"- data: {cfg.data}; users: {len(selected)}; TAM: {tam}", "",
+             "| alpha | tau | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) | CoPe words |",
+             "|---|---|---|---|---|---|---|"]
+    points = {}
+    for alpha, tau in grid:
+        keys = {(k[0], k[1], k[2]): k[3] for r in res for k in r["keys"][f"{alpha},{tau}"]}
+        rows = latest(rows_all, keys)
+        s = summarize(rows, ["oppu", "cope"])
+        diff = paired(rows, "cope", "oppu", "rougeL")
+        if diff is None or "cope" not in s:
+            continue
+        q, u, n = diff
+        lines.append(f"| {alpha:g} | {tau:g} | {s['cope'].rougeL:.3f} | {s['oppu'].rougeL:.3f} | {q.fmt()} | "
+                     f"[{u.low:+.3f}, {u.high:+.3f}] | {s['cope'].words:.1f} |")
+        points[f"{alpha},{tau}"] = {"alpha": alpha, "tau": tau, "cope_rougeL": s["cope"].rougeL,
+                                    "oppu_rougeL": s["oppu"].rougeL, "diff": q.mean, "query_ci": [q.low, q.high],
+                                    "user_ci": [u.low, u.high], "n": n}
+    atomic_write_text(out_dir(cfg) / "sweep.md", "\n".join(lines) + "\n", mode=0o644)
+    return {"out": str(out_dir(cfg)), "users": len(selected), "generated": sum(r["generated"] for r in res),
+            "cached": sum(r["cached"] for r in res), "points": points, "seconds": round(time.monotonic() - t0, 1)}
+

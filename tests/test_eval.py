@@ -1,0 +1,213 @@
+"""`cope eval`: the metrics on hand-made numbers, the TAM split, and a real 2-user run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cope_local.eval.data import EvalUser, Query, fold_of, load_users, other_fold, tam_history
+from cope_local.eval.metrics import bootstrap_clustered, bootstrap_mean, paired, rouge
+
+TWEETS = [
+    "sunny again today, off to the beach with the dogs",
+    "coffee first, then emails. always in that order",
+    "cant believe the bus was late AGAIN this morning",
+    "finally finished that book, the ending was wild",
+    "rainy sunday = soup and old movies, perfect",
+    "new running shoes!! legs feel fast already",
+    "garden tomatoes are finally turning red",
+    "long day at work, pizza tonight for sure",
+    "my cat knocked the plant over again lol",
+    "weekend plans: nothing at all and i love it",
+]
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+def test_rouge_on_hand_made_strings():
+    assert rouge("the cat sat", "the cat sat") == {"rouge1": 1.0, "rougeL": 1.0}
+    assert rouge("dogs bark", "the cat sat") == {"rouge1": 0.0, "rougeL": 0.0}
+    # 2 of 4 output words and 2 of 3 reference words overlap: P 1/2, R 2/3, F = 4/7; LCS "cat sat" the same
+    s = rouge("a cat sat down", "the cat sat")
+    assert s["rouge1"] == pytest.approx(4 / 7) and s["rougeL"] == pytest.approx(4 / 7)
+    # order matters for L only: unigrams all match, longest common subsequence is 2 of 3
+    s = rouge("sat cat the", "the cat sat")
+    assert s["rouge1"] == pytest.approx(1.0) and s["rougeL"] == pytest.approx(1 / 3)
+    assert rouge("", "the cat")["rougeL"] == 0.0
+    assert rouge("Cats running", "cats run")["rouge1"] == pytest.approx(0.5)  # no stemming; lowercased
+
+
+def test_bootstrap_contains_the_difference_and_is_seeded():
+    rng = np.random.default_rng(1)
+    big = 0.2 + rng.normal(0, 0.05, size=200)  # a large, clear difference
+    ci = bootstrap_mean(big)
+    assert ci.low < ci.mean < ci.high and ci.low <= 0.2 <= ci.high and ci.excludes_zero()
+    assert bootstrap_mean(big) == ci  # seeded: the same interval again
+    assert bootstrap_mean(big, seed=5) != ci
+    noise = rng.normal(0, 0.05, size=200)
+    assert not bootstrap_mean(noise).excludes_zero()
+    users = [f"u{i // 10}" for i in range(200)]  # 20 users of 10 queries
+    cl = bootstrap_clustered(big, users)
+    assert cl.mean == pytest.approx(ci.mean) and cl.low <= 0.2 <= cl.high and cl.excludes_zero()
+    assert bootstrap_clustered(big, users) == cl
+    # one user's 10 identical differences: no spread between users, but the CI still holds the mean
+    one = bootstrap_clustered([0.1] * 10, ["a"] * 10)
+    assert one.low == pytest.approx(0.1) and one.high == pytest.approx(0.1)
+
+
+def test_paired_matches_queries_by_user_and_id():
+    rows = [{"user_id": u, "query_id": q, "method": m, "rougeL": v}
+            for u, q, m, v in [("a", "1", "cope", 0.5), ("a", "1", "oppu", 0.3), ("b", "1", "cope", 0.4),
+                               ("b", "1", "oppu", 0.4), ("b", "2", "cope", 0.9)]]
+    q, u, n = paired(rows, "cope", "oppu")
+    assert n == 2 and q.mean == pytest.approx(0.1) and u.mean == pytest.approx(0.1)
+
+
+# ---- data and the TAM split -------------------------------------------------------------------------
+
+def _user_row(uid: str, n_profile: int = 10, n_queries: int = 1) -> dict:
+    return {"user_id": uid, "task": "LaMP-7",
+            "profile": [{"text": f"{t} #{uid}"} for t in TWEETS[:n_profile]],
+            "queries": [{"id": f"{uid}-q{i}",
+                         "input": f"Paraphrase the following tweet without any explanation before or after it: "
+                                  f"It rained all day so I stayed inside {i}.",
+                         "output": f"rain all day, staying in {i} #{uid}"} for i in range(n_queries)]}
+
+
+def test_tam_split_is_fixed_and_never_sees_the_user(tmp_path):
+    ids = [f"user-{i}" for i in range(40)]
+    folds = [fold_of(u) for u in ids]
+    assert folds == [fold_of(u) for u in ids] and set(folds) == {"A", "B"}  # deterministic (not salted hash())
+    assert 10 <= folds.count("A") <= 30  # a hash split, roughly balanced
+    assert fold_of("lamp7-dev-q618") == fold_of("lamp7-dev-q618") and other_fold("A") == "B"
+    path = tmp_path / "users.jsonl"
+    path.write_text("".join(json.dumps(_user_row(u)) + "\n" for u in ids[:8]), encoding="utf-8")
+    users = load_users(path, holdout=2)
+    for u in users:
+        tam = tam_history(users, u.fold)
+        assert tam and all(f"#{u.user_id}" not in item.output for item in tam)  # the user's own text is excluded
+        assert {i.output.split("#")[1] for i in tam} == {v.user_id for v in users if v.fold != u.fold}
+        # held out: the last 2 profile texts leave the history (of the user and of every TAM)
+        assert [i.output for i in u.holdout] == [f"{t} #{u.user_id}" for t in TWEETS[8:10]]
+        assert len(u.history) == 8 and not {i.id for i in u.holdout} & {i.id for i in tam + u.history}
+
+
+def test_lamp_pair_files_and_bad_input(tmp_path):
+    from cope_local.errors import CopeError
+
+    q = [{"id": "310", "input": "Generate a headline for the following article: Rain fell.",
+          "profile": [{"text": f"article {i}", "title": f"Headline {i}"} for i in range(9)]}]
+    (tmp_path / "q.json").write_text(json.dumps(q))
+    (tmp_path / "o.json").write_text(json.dumps({"task": "LaMP_4", "golds": [{"id": "310", "output": "Rain"}]}))
+    [u] = load_users(tmp_path / "q.json", tmp_path / "o.json")
+    assert u.task == "headline" and u.queries == [Query("310", q[0]["input"], "Rain")]
+    assert u.history[0].input == "article 0" and u.history[0].output == "Headline 0"
+    (tmp_path / "o.json").write_text(json.dumps({"task": "LaMP-9", "golds": [{"id": "310", "output": "Rain"}]}))
+    with pytest.raises(CopeError, match="task 'LaMP-9' is not one cope eval knows"):
+        load_users(tmp_path / "q.json", tmp_path / "o.json")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(CopeError, match="bad.jsonl:1: not JSON"):
+        load_users(tmp_path / "bad.jsonl")
+    assert isinstance(u, EvalUser)
+
+
+def test_longlamp_rows_use_the_benchmarks_prompts(tmp_path):
+    from cope_local.tasks import get_task
+
+    review = {"overall": 4.0, "description": "A cast-iron pan.", "summary": "Heavy but great",
+              "reviewText": "Seasoned it twice and it works."}
+    rows = [{"user_id": "r1", "task": "LongLaMP-3", "profile": [review] * 1 + [{**review, "summary": f"s{i}"} for i in range(8)],
+             "queries": [{"id": "q", "input": "Generate the review text ...", "output": "Fine."}]},
+            {"user_id": "t1", "task": "LongLaMP-4", "profile": [{"summary": f"topic {i}", "content": f"post {i}"} for i in range(9)],
+             "queries": []},
+            {"user_id": "a1", "task": "LongLaMP-2", "profile": [{"title": f"T{i}", "abstract": f"We show {i}."} for i in range(9)],
+             "queries": []}]
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r1, t1, a1 = load_users(tmp_path / "l.jsonl", holdout=1)
+    msgs, target = get_task(r1.task).training_pair(r1.history[0])
+    assert msgs[0]["content"] == ('Generate the review text written by a reviewer who has a given an overall rating of "4.0" '
+                                  'for a product with description "A cast-iron pan.". The summary of the review text is '
+                                  '"Heavy but great".') and target == review["reviewText"]
+    assert get_task(t1.task).training_pair(t1.history[0])[0][0]["content"] == "Generate the content for a reddit post topic 0"
+    assert get_task(a1.task).training_pair(a1.history[0]) == (
+        [{"role": "user", "content": 'Generate an abstract for the title "T0"'}], "We show 0.")
+    assert [len(u.history) for u in (r1, t1, a1)] == [8, 8, 8] and a1.holdout[0].output == "We show 8."
+
+
+# ---- the real thing: 2 users, --no-tam, every method --------------------------------------------------
+
+@pytest.fixture
+def _eval_env(monkeypatch, pytestconfig):
+    """The HF copy of the base shared with tests/test_train_*.py (built once, then loads in ~1 s)."""
+    monkeypatch.setenv("COPE_CACHE", str(pytestconfig.cache.mkdir("cope-train-cache")))
+    monkeypatch.setenv("COPE_THREADS", "1")
+
+
+def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env):
+    from cope_local.cli import main
+    from cope_local.eval.generate import METHODS
+
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(_user_row(u)) + "\n" for u in ("ann", "bob")), encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["eval", "run", "--data", str(data), "--out", str(out), "--no-tam", "--holdout", "1", "--max-steps", "1",
+            "--max-tokens", "8", "--set", "neg_samples=2", "--set", "neg_max_tokens=8", "--set", "max_target_tokens=32",
+            "--set", "dpo_batch_size=4", "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert first["users"] == 2 and first["queries"] == 4  # 1 benchmark query + 1 held-out tweet each
+    assert len(rows) == first["generated"] == 2 * 2 * len(METHODS) and first["cached"] == 0
+    assert {(r["user_id"], r["method"]) for r in rows} == {(u, m) for u in ("ann", "bob") for m in METHODS}
+    for r in rows:
+        assert 0.0 <= r["rouge1"] <= 1.0 and 0.0 <= r["rougeL"] <= 1.0
+        assert r["settings"]["tam_split"].startswith("none") and r["settings"]["model"].endswith(".gguf")
+    held = [r for r in rows if r["query_kind"] == "holdout"]
+    assert {r["reference"] for r in held} == {f"{TWEETS[9]} #ann", f"{TWEETS[9]} #bob"}
+    assert all(r["prompt"].startswith("Paraphrase the following tweet") for r in held)
+    ws = out / "users" / "ann"
+    assert TWEETS[9] not in (ws / "items.jsonl").read_text()  # the held-out tweet is not trained on
+    cope_rows = [r for r in rows if r["method"] == "cope"]
+    assert all(r["settings"]["alpha"] == 0.1 and r["settings"]["mode"] == "cope" for r in cope_rows)
+    base = {(r["user_id"], r["query_id"]): r["output"] for r in rows if r["method"] == "base"}
+    assert all(base[(r["user_id"], r["query_id"])] == r["output"] for r in rows if r["method"] == "tam")
+
+    table = (out / "table.md").read_text()
+    for m in METHODS:
+        assert f"| {m} | " in table
+    assert "- cope - oppu, rougeL:" in table and "- cope - tam, rougeL:" in table and "user bootstrap" in table
+    assert "TAM split: none" in table and "eval run" in table
+    assert (out / "rougeL.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((ws / "stages" / "dpo.json").read_text())["state"] == "done"
+
+    # the same command again, users in 2 spawned workers: every stage skipped, nothing decoded, results untouched
+    size = (out / "results.jsonl").stat().st_size
+    assert main([*argv, "--jobs", "2"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["generated"] == 0 and again["cached"] == len(rows)
+    assert all(s["status"] == "skipped" for u in again["phases"]["users"] for s in u["stages"].values())
+    assert (out / "results.jsonl").stat().st_size == size
+    assert again["methods"] == first["methods"]
+
+    # a torn last line (a killed run) is ignored, and a sweep decodes only what is new: CoPe at another alpha
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"user_id": "ann", "query')
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.1,0.5", "--tau", "0.1",
+                 "--json"]) == 0
+    sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sweep["generated"] == 4 and set(sweep["points"]) == {"0.1,0.1", "0.5,0.1"}  # 4 queries x alpha 0.5
+    assert sweep["points"]["0.1,0.1"]["cope_rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
+    assert "| 0.5 | 0.1 |" in (out / "sweep.md").read_text()
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(rows) + 1 + 4 and json.loads(lines[-1])["settings"]["alpha"] == 0.5
+
+
+def test_sweep_without_a_run_says_what_to_do(tmp_path, capsys):
+    from cope_local.cli import main
+
+    data = tmp_path / "users.jsonl"
+    data.write_text(json.dumps(_user_row("ann")) + "\n", encoding="utf-8")
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(tmp_path / "none")]) == 2
+    assert "run `cope eval run` first" in capsys.readouterr().err
