@@ -76,6 +76,27 @@ def test_contrast_changes_the_text_and_user_differs_from_base(decoder):
     assert changed >= 1
 
 
+def test_protected_masks_and_a_protected_end_of_turn(decoder):
+    import unicodedata
+
+    assert decoder.protected_mask("none") is None
+    eos = decoder.protected_mask("eos")
+    assert set(np.flatnonzero(eos).tolist()) == set(decoder.model.eog_ids)
+    punct = decoder.protected_mask("eos+punct")
+    assert eos.sum() < punct.sum() < 0.05 * len(punct)  # a small part of the vocabulary
+    for tok in np.flatnonzero(punct & ~eos)[:200]:
+        text = decoder.model.piece(int(tok)).decode("utf-8", "ignore")
+        assert text and all(c.isspace() or unicodedata.category(c).startswith("P") for c in text)
+    assert not punct[decoder.model.tokenize("hello", special=False)[0]]
+    with pytest.raises(CopeError, match="protect"):
+        decoder.protected_mask("all")
+    # protecting changes only choices where a protected token is in the head set: alpha 0 stays user greedy
+    for prompt in PROMPTS:
+        user = decoder.generate(prompt, GenConfig(mode="user", max_tokens=30))
+        cope = decoder.generate(prompt, GenConfig(mode="cope", alpha=0.0, protect="eos+punct", max_tokens=30))
+        assert cope.tokens == user.tokens
+
+
 def test_zero_weight_adapter_gives_the_base_greedy_tokens(default_model, decode_zero_adapter):
     with Decoder(default_model, decode_zero_adapter) as dec:
         for prompt in PROMPTS:

@@ -50,6 +50,25 @@ def test_raw_logit_scores_pick_the_same_token_as_logprob_scores(seed, vocab, alp
     assert tok == by_logprob
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10_000), st.integers(5, 400), st.floats(0.0, 1.0))
+def test_protected_tokens_score_as_if_the_amateur_agreed(seed, vocab, alpha):
+    rng = np.random.default_rng(seed)
+    user = rng.normal(0, 3, vocab).astype(np.float32)
+    amateur = rng.normal(0, 3, vocab).astype(np.float32)
+    protected = rng.random(vocab) < 0.3
+    head = rule.head_set(user, 0.1)
+    scores = rule.cope_scores(user, amateur, head, alpha, protected)
+    lu, la = _log_softmax(user)[head], _log_softmax(amateur)[head]
+    expected = np.where(protected[head], (1 - alpha) * lu, lu - alpha * la)
+    if protected[head].any():
+        assert np.allclose(scores, expected, atol=1e-6)
+    else:  # nothing protected in the head: the plain rule (up to its constant)
+        assert rule.greedy(head, scores) == head[np.argmax(expected)]
+    assert rule.greedy(head, rule.cope_scores(user, amateur, head, alpha, np.zeros(vocab, bool))) == \
+        rule.greedy(head, rule.cope_scores(user, amateur, head, alpha))
+
+
 def test_alpha_zero_is_user_greedy_and_contrast_prefers_what_the_amateur_dislikes():
     user = np.array([2.0, 1.9, -5.0, 1.5], np.float32)
     amateur = np.array([3.0, -1.0, 0.0, 0.0], np.float32)

@@ -17,6 +17,7 @@ differently in batched kernels).
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +33,7 @@ from cope_local.gguf_file import check_adapter, check_model
 from cope_local.models import resolve_model
 
 MODES = ("cope", "user", "base")
+PROTECT = ("none", "eos", "eos+punct")  # tokens the contrast leaves alone (rule.cope_scores `protected`)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class GenConfig:
     top_p: float = 0.95  # nucleus mass when sampling
     seed: int = 0  # sampling seed: same seed, same text
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
+    protect: str = "none"  # "none" (the paper) | "eos": end-of-turn tokens | "eos+punct": also whitespace/punctuation
     lazy_amateur: bool = True  # fast path; False is the naive lockstep reference
     ignore_eos: bool = False  # benchmarks only: always run to max_tokens
 
@@ -93,6 +96,7 @@ class Decoder:
         self.n_ctx = min(n_ctx, self.model.n_ctx_train) if self.model.n_ctx_train > 0 else n_ctx
         self.threads = threads  # None: default_threads(), looked at again before every generation
         self._contexts: dict[str, Context] = {}
+        self._protected: dict[str, np.ndarray | None] = {}
         self.chat_template = self.model.chat_template()
 
     # -- contexts are made on first use and sized to the request (KV memory grows with need,
@@ -114,6 +118,23 @@ class Decoder:
     @property
     def has_user_adapter(self) -> bool:
         return self.adapter_path is not None
+
+    def protected_mask(self, kind: str) -> np.ndarray | None:
+        """Bool mask (n_vocab,) of the tokens GenConfig.protect names; None for "none". Built once per kind."""
+        if kind not in PROTECT:
+            raise CopeError(f"protect={kind!r}: use one of {', '.join(PROTECT)}")
+        if kind == "none":
+            return None
+        if kind not in self._protected:
+            mask = np.zeros(self.model.n_vocab, dtype=bool)
+            mask[list(self.model.eog_ids)] = True
+            if kind == "eos+punct":
+                for t in range(self.model.n_vocab):
+                    text = self.model.piece(t).decode("utf-8", "ignore")
+                    if text and all(c.isspace() or unicodedata.category(c).startswith("P") for c in text):
+                        mask[t] = True
+            self._protected[kind] = mask
+        return self._protected[kind]
 
     # -- prompts -----------------------------------------------------------------------------
     def render(self, messages: list[Message]) -> str:
@@ -213,6 +234,7 @@ class Decoder:
         costs no amateur call; when wrong, the guess is dropped from its cache.
         """
         expert, amateur = self.context("expert", need), self.context("amateur", need + 1)  # +1: a speculative token
+        protected = self.protected_mask(cfg.protect)
         expert.reset()
         amateur.reset()
         user_logits = expert.eval(ids)
@@ -233,7 +255,7 @@ class Decoder:
                     both = amateur.decode(pending + [guess], (len(pending) - 1, len(pending)))
                     amateur_logits, guess_logits, pending = both[0], both[1], []
                     gen.amateur_evals += 1
-                scores = rule.cope_scores(user_logits, amateur_logits, head, cfg.alpha)
+                scores = rule.cope_scores(user_logits, amateur_logits, head, cfg.alpha, protected)
                 if cfg.temperature > 0:
                     tok = int(head[rule.sample_top_p(scores, cfg.temperature, cfg.top_p, rng)])
                 else:

@@ -25,11 +25,28 @@ def head_set(user_logits: np.ndarray, tau: float) -> np.ndarray:
     return np.flatnonzero(user_logits >= threshold)
 
 
-def cope_scores(user_logits: np.ndarray, amateur_logits: np.ndarray, head: np.ndarray, alpha: float) -> np.ndarray:
-    """Implicit reward of each head token, up to a constant. -> (len(head),) float64."""
+def cope_scores(user_logits: np.ndarray, amateur_logits: np.ndarray, head: np.ndarray, alpha: float,
+                protected: np.ndarray | None = None) -> np.ndarray:
+    """Implicit reward of each head token, up to a constant. -> (len(head),) float64.
+
+    protected: optional bool mask (V,) of tokens the contrast leaves alone (end of turn,
+    punctuation...): for them the amateur is taken to agree with the user, log p_amateur :=
+    log p_user, so their score is (1 - alpha) log p_user and the contrast can neither push
+    them up (stopping early because the amateur would go on) nor down. Needs normalised
+    log-probs, so only then are the log-sum-exps computed.
+    """
     u = user_logits[head].astype(np.float64)
     a = amateur_logits[head].astype(np.float64)
-    return u - alpha * a
+    if protected is None or not protected[head].any():
+        return u - alpha * a
+    lu, la = u - _logsumexp(user_logits), a - _logsumexp(amateur_logits)
+    la = np.where(protected[head], lu, la)
+    return lu - alpha * la
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(x.max())
+    return m + math.log(float(np.exp(x.astype(np.float64) - m).sum()))
 
 
 def greedy(head: np.ndarray, scores: np.ndarray) -> int:
