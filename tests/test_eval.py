@@ -179,6 +179,10 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
         assert f"| {m} | " in table
     assert "- cope - oppu, rougeL:" in table and "- cope - tam, rougeL:" in table and "user bootstrap" in table
     assert "TAM split: none" in table and "eval run" in table
+    # the style metric: every output attributed to a user by the classifier trained on both histories
+    assert "| ROUGE-L 95 % CI | attribution | attribution 95 % CI |" in table and "| (real texts) |" in table
+    assert all(0.0 <= first["methods"][m]["attribution"] <= 1.0 for m in METHODS)
+    assert first["attribution_of_real_texts"] >= 0.5 and "- cope - oppu, attr:" in table
     assert (out / "rougeL.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((ws / "stages" / "dpo.json").read_text())["state"] == "done"
 

@@ -91,6 +91,7 @@ class MethodSummary:
     words: float  # mean output length in words
     length_ratio: float  # mean output words / mean reference words
     user_rougeL: dict  # user_id -> that user's mean ROUGE-L
+    attribution: Interval | None = None  # share of outputs attributed to their own user (style.py), with its CI
 
 
 def summarize(rows: list[dict], methods: list[str]) -> dict[str, MethodSummary]:
@@ -107,9 +108,11 @@ def summarize(rows: list[dict], methods: list[str]) -> dict[str, MethodSummary]:
             per_user.setdefault(r["user_id"], []).append(r["rougeL"])
         ref_words = float(np.mean([words(r["reference"]) for r in mine]))
         out_words = float(np.mean([words(r["output"]) for r in mine]))
+        attr = [r["attr"] for r in mine if "attr" in r]
         out[m] = MethodSummary(m, len(mine), float(np.mean(r1)), float(np.mean(rl)), bootstrap_mean(rl), out_words,
                                out_words / ref_words if ref_words else float("nan"),
-                               {u: float(np.mean(v)) for u, v in per_user.items()})
+                               {u: float(np.mean(v)) for u, v in per_user.items()},
+                               bootstrap_mean(attr) if len(attr) == len(mine) else None)
     return out
 
 

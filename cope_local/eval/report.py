@@ -11,7 +11,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cope_local.eval.metrics import RESAMPLES, SEED, paired, summarize
+from cope_local.eval.metrics import RESAMPLES, SEED, Interval, bootstrap_mean, paired, summarize
 from cope_local.paths import atomic_path, atomic_write_text
 
 COMPARISONS = (("cope", "oppu"), ("cope", "tam"))  # differences with CIs under the table (the issue's two)
@@ -24,10 +24,25 @@ def report_rows(cfg, keys: dict) -> list[dict]:
     return latest(read_rows(out_dir(cfg) / RESULTS), keys)
 
 
+def attribute(rows: list[dict], everyone) -> Interval:
+    """Mark each row with attr = 1.0 when its output reads as its own user's (style.py), else 0.0;
+    -> the same accuracy on the real references (the metric's ceiling on these queries).
+
+    The classifier is trained on every user of the file, on their training histories only
+    (held-out items removed), so no reference it is checked on was seen in training."""
+    from cope_local.eval.style import Attributor
+
+    attributor = Attributor({u.user_id: [item.output for item in u.history] for u in everyone})
+    for r in rows:
+        r["attr"] = float(attributor.correct(r["user_id"], r["output"]))
+    refs = {(r["user_id"], r["query_id"]): r["reference"] for r in rows}
+    return bootstrap_mean([float(attributor.correct(u, text)) for (u, _q), text in refs.items()])
+
+
 def _ci_lines(rows: list[dict], comparisons) -> tuple[list[str], dict]:
     lines, data = [], {}
     for a, b in comparisons:
-        for metric in ("rougeL", "rouge1"):
+        for metric in ("rougeL", "rouge1", "attr"):
             res = paired(rows, a, b, metric)
             if res is None:
                 continue
@@ -39,11 +54,13 @@ def _ci_lines(rows: list[dict], comparisons) -> tuple[list[str], dict]:
     return lines, data
 
 
-def write_report(cfg, keys: dict, users) -> dict:
-    """Write table.md and rougeL.png; return the numbers for the JSON summary."""
+def write_report(cfg, keys: dict, users, everyone=None) -> dict:
+    """Write table.md and rougeL.png; return the numbers for the JSON summary.
+    everyone: all users of the file (the attribution classifier's training set); None = `users`."""
     from cope_local.eval.runner import out_dir
 
     rows = report_rows(cfg, keys)
+    ceiling = attribute(rows, everyone or users) if len(everyone or users) >= 2 and rows else None
     methods = [m for m in cfg.methods if any(r["method"] == m for r in rows)]
     summary = summarize(rows, methods)
     ci_lines, cis = _ci_lines(rows, COMPARISONS)
@@ -68,13 +85,21 @@ def write_report(cfg, keys: dict, users) -> dict:
         f"- TAM split: {split}",
         f"- decoding: {decoding}",
         f"- ROUGE: {rouge_note}", "",
-        "| method | ROUGE-1 | ROUGE-L | words | length ratio | ROUGE-L 95 % CI |",
-        "|---|---|---|---|---|---|",
+        f"- style: authorship attribution accuracy (`cope_local/eval/style.py`: character 1-4-gram TF-IDF "
+        f"centroids of all {len(everyone or users)} users' training histories; chance = 1/{len(everyone or users)}); "
+        f"the real texts of these queries score " + (ceiling.fmt() if ceiling else "n/a"), "",
+        "| method | ROUGE-1 | ROUGE-L | ROUGE-L 95 % CI | attribution | attribution 95 % CI | words | length ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         s = summary[m]
-        lines.append(f"| {m} | {s.rouge1:.3f} | {s.rougeL:.3f} | {s.words:.1f} | {s.length_ratio:.2f} | "
-                     f"[{s.rougeL_ci.low:.3f}, {s.rougeL_ci.high:.3f}] |")
+        a = s.attribution
+        lines.append(f"| {m} | {s.rouge1:.3f} | {s.rougeL:.3f} | [{s.rougeL_ci.low:.3f}, {s.rougeL_ci.high:.3f}] | "
+                     + (f"{a.mean:.3f} | [{a.low:.3f}, {a.high:.3f}]" if a else "n/a | n/a")
+                     + f" | {s.words:.1f} | {s.length_ratio:.2f} |")
+    if ceiling:
+        lines.append(f"| (real texts) | 1.000 | 1.000 | | {ceiling.mean:.3f} | [{ceiling.low:.3f}, {ceiling.high:.3f}] "
+                     f"| | 1.00 |")
     lines += ["", "Differences (mean over paired queries, 95 % CI):", ""] + (ci_lines or ["- (no pairs to compare)"])
     lines += ["", "Per-user ROUGE-L:", "", "| user | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for u in user_ids:
@@ -83,8 +108,10 @@ def write_report(cfg, keys: dict, users) -> dict:
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n", mode=0o644)
     chart(summary, methods, out / "rougeL.png", title=f"ROUGE-L, {len(user_ids)} users, {n_queries} queries")
     return {"methods": {m: {"rouge1": summary[m].rouge1, "rougeL": summary[m].rougeL, "words": summary[m].words,
-                            "length_ratio": summary[m].length_ratio, "n": summary[m].n} for m in methods},
-            "differences": cis}
+                            "length_ratio": summary[m].length_ratio, "n": summary[m].n,
+                            "attribution": summary[m].attribution.mean if summary[m].attribution else None}
+                        for m in methods},
+            "attribution_of_real_texts": ceiling.mean if ceiling else None, "differences": cis}
 
 
 def chart(summary: dict, methods: list[str], path: Path, title: str = "ROUGE-L") -> Path | None:

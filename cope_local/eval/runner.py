@@ -284,7 +284,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                                   for f in folds], cfg.jobs)
     phases["users"] = run_jobs([Job("user", cfg, train, u) for u in selected], cfg.jobs)
     keys = {(k[0], k[1], k[2]): k[3] for r in phases["users"] for k in r.pop("keys")}
-    report = write_report(cfg, keys, selected)
+    report = write_report(cfg, keys, selected, everyone)
     return {"out": str(out_dir(cfg)), "users": len(selected), "queries": sum(r["queries"] for r in phases["users"]),
             "generated": sum(r["generated"] for r in phases["users"]),
             "cached": sum(r["cached"] for r in phases["users"]), "seconds": round(time.monotonic() - t0, 1),
