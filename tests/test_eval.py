@@ -199,13 +199,16 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     with open(out / "results.jsonl", "a") as f:
         f.write('{"user_id": "ann", "query')
     assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.1,0.5", "--tau", "0.1",
-                 "--json"]) == 0
+                 "--protect", "none,eos", "--json"]) == 0
     sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert sweep["generated"] == 4 and set(sweep["points"]) == {"0.1,0.1", "0.5,0.1"}  # 4 queries x alpha 0.5
+    # 4 queries x (alpha 0.5, the paper's rule) + 4 x 2 alphas with the end of turn protected
+    assert sweep["generated"] == 12 and set(sweep["points"]) == {"0.1,0.1", "0.5,0.1", "0.1,0.1,eos", "0.5,0.1,eos"}
     assert sweep["points"]["0.1,0.1"]["cope_rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
-    assert "| 0.5 | 0.1 |" in (out / "sweep.md").read_text()
+    assert 0.0 <= sweep["points"]["0.1,0.1,eos"]["cope_attribution"] <= 1.0
+    md = (out / "sweep.md").read_text()
+    assert "| 0.5 | 0.1 | none |" in md and "| 0.5 | 0.1 | eos |" in md
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == len(rows) + 1 + 4 and json.loads(lines[-1])["settings"]["alpha"] == 0.5
+    assert len(lines) == len(rows) + 1 + 12 and json.loads(lines[-1])["settings"]["protect"] == "eos"
 
 
 def test_sweep_without_a_run_says_what_to_do(tmp_path, capsys):

@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_data_args(s)
     s.add_argument("--alpha", default="0.1,0.3,0.5,0.7", help="comma-separated alphas (default 0.1,0.3,0.5,0.7)")
     s.add_argument("--tau", default="0.1,0.2", help="comma-separated taus (default 0.1,0.2)")
+    s.add_argument("--protect", default="none", help="comma-separated token classes the contrast leaves alone: "
+                                                     "none (the paper), eos, eos+punct (default none)")
+    s.add_argument("--users", type=int, default=None, metavar="N", help="only the first N users (default: the run's)")
     s.set_defaults(func=cmd_eval_sweep)
 
 
@@ -109,16 +112,16 @@ def cmd_eval_run(args) -> int:
 
 
 def cmd_eval_sweep(args) -> int:
-    from cope_local.eval.sweep import parse_grid, run_sweep
+    from cope_local.eval.sweep import parse_grid, parse_protect, run_sweep
 
     summary = run_sweep(args.data, args.out, parse_grid(args.alpha, "alpha"), parse_grid(args.tau, "tau"),
-                        outputs=args.outputs, jobs=_jobs(args.jobs),
-                        command=_command(args, "sweep"))
+                        outputs=args.outputs, jobs=_jobs(args.jobs), command=_command(args, "sweep"),
+                        protects=parse_protect(args.protect), users=args.users)
     if args.json:
         print(json.dumps(summary, ensure_ascii=False, default=str))
     else:
         for p in summary["points"].values():
-            print(f"  alpha {p['alpha']:<4g} tau {p['tau']:<4g} CoPe ROUGE-L {p['cope_rougeL']:.3f}  "
+            print(f"  alpha {p['alpha']:<4g} tau {p['tau']:<4g} {p['protect']:<9} CoPe ROUGE-L {p['cope_rougeL']:.3f}  "
                   f"vs oppu {p['diff']:+.3f} [{p['query_ci'][0]:+.3f}, {p['query_ci'][1]:+.3f}]")
         print(f"{summary['generated']} generated, {summary['cached']} cached; report: {summary['out']}/sweep.md")
     return 0

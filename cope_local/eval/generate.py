@@ -47,6 +47,7 @@ class Decoding:
     alpha: float  # CoPe contrast weight
     tau: float  # head-set threshold
     max_tokens: int  # new tokens at most
+    protect: str = "none"  # tokens the contrast leaves alone (GenConfig.protect): none | eos | eos+punct
 
 
 def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
@@ -58,6 +59,8 @@ def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
          "adapter": ad.keys.get(adapter) if adapter else None}
     if mode == "cope":
         s |= {"alpha": dec.alpha, "tau": dec.tau}
+        if dec.protect != "none":  # absent for the paper's rule, so rows made before the option stay valid
+            s["protect"] = dec.protect
     return s
 
 
@@ -92,7 +95,8 @@ def generate_user(user: EvalUser, queries: list[Query], methods, ad: Adapters, d
                     if decoder is None:
                         decoder = Decoder(ad.base, ad.files[adapter] if adapter else None,
                                           tam=ad.tam if uses_tam else None, n_ctx=N_CTX)
-                    cfg = GenConfig(mode=mode, alpha=dec.alpha, tau=dec.tau, max_tokens=dec.max_tokens, temperature=0.0)
+                    cfg = GenConfig(mode=mode, alpha=dec.alpha, tau=dec.tau, max_tokens=dec.max_tokens, temperature=0.0,
+                                    protect=dec.protect)
                     gen = decoder.generate(q.prompt, cfg)
                     text, stop = gen.text.strip(), gen.stop_reason
                 outputs[(q.id, method)] = text

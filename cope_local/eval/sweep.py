@@ -1,9 +1,10 @@
-"""`cope eval sweep`: CoPe's ROUGE-L over a grid of (alpha, tau), decoding only, on the adapters of a run.
+"""`cope eval sweep`: CoPe over a grid of (alpha, tau, protect), decoding only, on the adapters of a run.
 
 The adapters, TAM split and settings come from OUT/eval.json and OUT/users/*/stages (written by
 `cope eval run`); nothing is trained. Rows go to the same results.jsonl (cached: a grid point
 already decoded is free), and sweep.md gives, per point, CoPe's pooled ROUGE-L and its
-difference to OPPU (the SFT adapter decoded alone) with paired bootstrap CIs.
+difference to OPPU (the SFT adapter decoded alone) with paired bootstrap CIs, its authorship
+attribution accuracy (style.py) beside OPPU's, and its length.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class SweepJob:
     cfg: EvalConfig
     train: object  # TrainConfig
     user: object  # EvalUser
-    grid: list  # [(alpha, tau)]
+    grid: list  # [(alpha, tau, protect)]
 
 
 def load_run(data: str, out: str, outputs: str | None = None) -> EvalConfig:
@@ -68,13 +69,27 @@ def sweep_job(job: SweepJob) -> dict:
     done = {row_key(r) for r in read_rows(results) if r["user_id"] == user.user_id}
     base_dec = decoding_for(cfg, ws.task)
     out = {"user_id": user.user_id, "generated": 0, "cached": 0, "keys": {}}
-    for alpha, tau in job.grid:
-        stats = generate_user(user, queries, ("oppu", "cope"), ad, Decoding(alpha, tau, base_dec.max_tokens),
+    for alpha, tau, protect in job.grid:
+        stats = generate_user(user, queries, ("oppu", "cope"), ad, Decoding(alpha, tau, base_dec.max_tokens, protect),
                               results, done)
         out["generated"] += stats["generated"]
         out["cached"] += stats["cached"]
-        out["keys"][f"{alpha},{tau}"] = [[*k, v] for k, v in stats["keys"].items()]
+        out["keys"][point_name(alpha, tau, protect)] = [[*k, v] for k, v in stats["keys"].items()]
     return out
+
+
+def point_name(alpha: float, tau: float, protect: str = "none") -> str:
+    return f"{alpha},{tau}" + (f",{protect}" if protect != "none" else "")
+
+
+def parse_protect(text: str) -> list[str]:
+    from cope_local.decode.decoder import PROTECT
+
+    vals = [x.strip() for x in str(text).split(",") if x.strip()]
+    bad = [v for v in vals if v not in PROTECT]
+    if not vals or bad:
+        raise CopeError(f"--protect {text!r}: give comma-separated values from {', '.join(PROTECT)}")
+    return vals
 
 
 def parse_grid(text: str, what: str) -> list[float]:
@@ -88,38 +103,51 @@ def parse_grid(text: str, what: str) -> list[float]:
 
 
 def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, outputs: str | None = None,
-              jobs: int = 1, command: str = "") -> dict:
+              jobs: int = 1, command: str = "", protects: list[str] = ("none",), users: int | None = None) -> dict:
     from cope_local.eval.metrics import paired, summarize
     from cope_local.eval.results import RESULTS, latest, read_rows, repair_tail
     from cope_local.eval.runner import run_jobs, select_users, train_config
     from cope_local.paths import atomic_write_text
 
     t0 = time.monotonic()
+    from cope_local.eval.style import Attributor
+
     cfg = load_run(data, out, outputs)
-    _, selected = select_users(cfg)
+    if users is not None:
+        cfg.users = users
+    everyone, selected = select_users(cfg)
+    attributor = Attributor({u.user_id: [item.output for item in u.history] for u in everyone})
     train = train_config(cfg)
-    grid = [(a, t) for a in alphas for t in taus]
+    grid = [(a, t, p) for a in alphas for t in taus for p in protects]
     repair_tail(out_dir(cfg) / RESULTS)
     res = run_jobs([SweepJob(cfg, train, u, grid) for u in selected], jobs, fn=sweep_job)
     rows_all = read_rows(out_dir(cfg) / RESULTS)
     tam = "none (--no-tam)" if cfg.no_tam else "2-fold split (see table.md)"
     lines = ["# cope eval sweep", "", f"- command: `{command}`", f"- data: {cfg.data}; users: {len(selected)}; TAM: {tam}", "",
-             "| alpha | tau | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) | CoPe words |",
-             "|---|---|---|---|---|---|---|"]
+             "| alpha | tau | protect | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) "
+             "| CoPe attribution | OPPU attribution | attribution CoPe - OPPU (query CI) | CoPe words | OPPU words |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     points = {}
-    for alpha, tau in grid:
-        keys = {(k[0], k[1], k[2]): k[3] for r in res for k in r["keys"][f"{alpha},{tau}"]}
+    for alpha, tau, protect in grid:
+        name = point_name(alpha, tau, protect)
+        keys = {(k[0], k[1], k[2]): k[3] for r in res for k in r["keys"][name]}
         rows = latest(rows_all, keys)
+        for r in rows:
+            r["attr"] = float(attributor.correct(r["user_id"], r["output"]))
         s = summarize(rows, ["oppu", "cope"])
         diff = paired(rows, "cope", "oppu", "rougeL")
         if diff is None or "cope" not in s:
             continue
         q, u, n = diff
-        lines.append(f"| {alpha:g} | {tau:g} | {s['cope'].rougeL:.3f} | {s['oppu'].rougeL:.3f} | {q.fmt()} | "
-                     f"[{u.low:+.3f}, {u.high:+.3f}] | {s['cope'].words:.1f} |")
-        points[f"{alpha},{tau}"] = {"alpha": alpha, "tau": tau, "cope_rougeL": s["cope"].rougeL,
-                                    "oppu_rougeL": s["oppu"].rougeL, "diff": q.mean, "query_ci": [q.low, q.high],
-                                    "user_ci": [u.low, u.high], "n": n}
+        aq, _au, _ = paired(rows, "cope", "oppu", "attr")
+        lines.append(f"| {alpha:g} | {tau:g} | {protect} | {s['cope'].rougeL:.3f} | {s['oppu'].rougeL:.3f} | {q.fmt()} | "
+                     f"[{u.low:+.3f}, {u.high:+.3f}] | {s['cope'].attribution.mean:.3f} | "
+                     f"{s['oppu'].attribution.mean:.3f} | {aq.fmt()} | {s['cope'].words:.1f} | {s['oppu'].words:.1f} |")
+        points[name] = {"alpha": alpha, "tau": tau, "protect": protect, "cope_rougeL": s["cope"].rougeL,
+                        "oppu_rougeL": s["oppu"].rougeL, "diff": q.mean, "query_ci": [q.low, q.high],
+                        "user_ci": [u.low, u.high], "n": n, "cope_attribution": s["cope"].attribution.mean,
+                        "oppu_attribution": s["oppu"].attribution.mean, "attribution_diff_ci": [aq.low, aq.high],
+                        "cope_words": s["cope"].words, "oppu_words": s["oppu"].words}
     atomic_write_text(out_dir(cfg) / "sweep.md", "\n".join(lines) + "\n", mode=0o644)
     return {"out": str(out_dir(cfg)), "users": len(selected), "generated": sum(r["generated"] for r in res),
             "cached": sum(r["cached"] for r in res), "points": points, "seconds": round(time.monotonic() - t0, 1)}
