@@ -26,6 +26,7 @@ class SweepJob:
     train: object  # TrainConfig
     user: object  # EvalUser
     grid: list  # [(alpha, tau, protect)]
+    method: str = "cope"  # the contrastive row swept: "cope" (DPO adapter) or "oppu+cd" (SFT adapter)
 
 
 def load_run(data: str, out: str, outputs: str | None = None) -> EvalConfig:
@@ -63,14 +64,14 @@ def sweep_job(job: SweepJob) -> dict:
     if not (ws.stages_dir / "sft.json").exists():
         raise CopeError(f"{ws.path}: the adapters for user {user.user_id} are missing; {HINT}")
     pipe = Pipeline(ws, user_train_config(cfg, job.train, user), progress=False)
-    ad = user_adapters(cfg, pipe, user, need_dpo=True)
+    ad = user_adapters(cfg, pipe, user, need_dpo=job.method == "cope")
     queries = user.queries + holdout_queries(user, ws, pipe.base)
     results = out_dir(cfg) / RESULTS
     done = {row_key(r) for r in read_rows(results) if r["user_id"] == user.user_id}
     base_dec = decoding_for(cfg, ws.task)
     out = {"user_id": user.user_id, "generated": 0, "cached": 0, "keys": {}}
     for alpha, tau, protect in job.grid:
-        stats = generate_user(user, queries, ("oppu", "cope"), ad, Decoding(alpha, tau, base_dec.max_tokens, protect),
+        stats = generate_user(user, queries, ("oppu", job.method), ad, Decoding(alpha, tau, base_dec.max_tokens, protect),
                               results, done)
         out["generated"] += stats["generated"]
         out["cached"] += stats["cached"]
@@ -103,7 +104,8 @@ def parse_grid(text: str, what: str) -> list[float]:
 
 
 def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, outputs: str | None = None,
-              jobs: int = 1, command: str = "", protects: list[str] = ("none",), users: int | None = None) -> dict:
+              jobs: int = 1, command: str = "", protects: list[str] = ("none",), users: int | None = None,
+              method: str = "cope") -> dict:
     from cope_local.eval.metrics import paired, summarize
     from cope_local.eval.results import RESULTS, latest, read_rows, repair_tail
     from cope_local.eval.runner import run_jobs, select_users, train_config
@@ -120,10 +122,13 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     train = train_config(cfg)
     grid = [(a, t, p) for a in alphas for t in taus for p in protects]
     repair_tail(out_dir(cfg) / RESULTS)
-    res = run_jobs([SweepJob(cfg, train, u, grid) for u in selected], jobs, fn=sweep_job)
+    if method not in ("cope", "oppu+cd"):
+        raise CopeError(f"--method {method!r}: sweep cope or oppu+cd")
+    res = run_jobs([SweepJob(cfg, train, u, grid, method) for u in selected], jobs, fn=sweep_job)
     rows_all = read_rows(out_dir(cfg) / RESULTS)
     tam = "none (--no-tam)" if cfg.no_tam else "2-fold split (see table.md)"
     lines = ["# cope eval sweep", "", f"- command: `{command}`", f"- data: {cfg.data}; users: {len(selected)}; TAM: {tam}", "",
+             f"- swept: {method} against oppu (the SFT adapter decoded alone)", "",
              "| alpha | tau | protect | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) "
              "| CoPe attribution | OPPU attribution | attribution CoPe - OPPU (query CI) | CoPe words | OPPU words |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -134,12 +139,13 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
         rows = latest(rows_all, keys)
         for r in rows:
             r["attr"] = float(attributor.correct(r["user_id"], r["output"]))
-        s = summarize(rows, ["oppu", "cope"])
-        diff = paired(rows, "cope", "oppu", "rougeL")
-        if diff is None or "cope" not in s:
+        s = summarize(rows, ["oppu", method])
+        diff = paired(rows, method, "oppu", "rougeL")
+        if diff is None or method not in s:
             continue
+        s["cope"] = s[method]
         q, u, n = diff
-        aq, _au, _ = paired(rows, "cope", "oppu", "attr")
+        aq, _au, _ = paired(rows, method, "oppu", "attr")
         lines.append(f"| {alpha:g} | {tau:g} | {protect} | {s['cope'].rougeL:.3f} | {s['oppu'].rougeL:.3f} | {q.fmt()} | "
                      f"[{u.low:+.3f}, {u.high:+.3f}] | {s['cope'].attribution.mean:.3f} | "
                      f"{s['oppu'].attribution.mean:.3f} | {aq.fmt()} | {s['cope'].words:.1f} | {s['oppu'].words:.1f} |")
