@@ -126,8 +126,8 @@ def test_stages_match_the_pipeline():
 
 
 @sync
-async def test_cancel_interrupts_training_and_train_again_resumes(tmp_path, monkeypatch):
-    monkeypatch.setenv("COPE_CACHE", str(tmp_path / "cold-cache"))  # the child must prepare the base: slow enough
+async def test_cancel_interrupts_training_and_train_again_resumes(monkeypatch, pytestconfig):
+    monkeypatch.setenv("COPE_CACHE", str(pytestconfig.cache.mkdir("cope-train-cache")))
     persona_profile("ro", adapter=False)
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -135,15 +135,18 @@ async def test_cancel_interrupts_training_and_train_again_resumes(tmp_path, monk
         await pilot.pause(0.05)
         screen = app.screen
         screen.query_one("#prof-list").index = [i.profile for i in screen.query(ProfileItem)].index("ro")
-        screen.action_train(stages=["inputs", "pairs"])
-        # pairs dequantizes the base for torch first (tens of seconds): cancel while it works
-        await wait_for(pilot, lambda: "inputs" in screen.seen_stages, timeout=90, what="the inputs stage")
+        screen.action_train(stages=["inputs", "pairs", "sft"])
+        # SFT on 40 texts takes tens of optimizer steps: cancel once it reports its first one
+        await wait_for(pilot, lambda: "sft" in screen.seen_stages, timeout=120, what="the sft stage")
         await pilot.press("x")
-        await wait_for(pilot, lambda: screen.training_profile is None, timeout=90, what="the child to stop")
+        await wait_for(pilot, lambda: screen.training_profile is None, timeout=120, what="the child to stop")
         assert "stopped; Train (t) resumes" in str(screen.query_one("#status").render())
         stages = profiles.load_profile("ro").stages_dir
-        assert json.loads((stages / "inputs.json").read_text())["state"] == "done"  # kept: a rerun skips it
-        assert not (stages / "pairs.jsonl").exists()
+        for done in ("inputs", "pairs"):  # kept: a rerun skips them
+            assert json.loads((stages / f"{done}.json").read_text())["state"] == "done"
+        assert json.loads((stages / "sft.json").read_text())["state"] == "running"  # interrupted, resumable
+        assert not (stages / "sft" / "adapter").exists()
+        assert list((stages / "sft").rglob("*.pt"))  # the checkpoint a rerun resumes from
 
 
 @sync
