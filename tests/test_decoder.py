@@ -97,6 +97,17 @@ def test_protected_masks_and_a_protected_end_of_turn(decoder):
         assert cope.tokens == user.tokens
 
 
+def test_repetition_penalty_repeats_less_and_is_off_at_one(decoder):
+    prompt = "Repeat the word sail forty times."
+    for mode in ("user", "cope"):
+        plain = decoder.generate(prompt, GenConfig(mode=mode, max_tokens=40, ignore_eos=True))
+        same = decoder.generate(prompt, GenConfig(mode=mode, max_tokens=40, ignore_eos=True, repetition_penalty=1.0))
+        strict = decoder.generate(prompt, GenConfig(mode=mode, max_tokens=40, ignore_eos=True, repetition_penalty=1.5))
+        assert same.tokens == plain.tokens
+        repeats = lambda g: len(g.tokens) - len(set(g.tokens))  # noqa: E731
+        assert repeats(strict) < repeats(plain), (mode, plain.text, strict.text)
+
+
 def test_zero_weight_adapter_gives_the_base_greedy_tokens(default_model, decode_zero_adapter):
     with Decoder(default_model, decode_zero_adapter) as dec:
         for prompt in PROMPTS:

@@ -206,7 +206,7 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     assert sweep["points"]["0.1,0.1"]["cope_rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
     assert 0.0 <= sweep["points"]["0.1,0.1,eos"]["cope_attribution"] <= 1.0
     md = (out / "sweep.md").read_text()
-    assert "| 0.5 | 0.1 | none |" in md and "| 0.5 | 0.1 | eos |" in md
+    assert "| 0.5 | 0.1 | none | 1 |" in md and "| 0.5 | 0.1 | eos | 1 |" in md
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == len(rows) + 1 + 12 and json.loads(lines[-1])["settings"]["protect"] == "eos"
     # the contrast on the SFT adapter (oppu+cd) can be swept too: only its new alpha is decoded
@@ -214,6 +214,11 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
                  "--method", "oppu+cd", "--json"]) == 0
     sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sweep["generated"] == 4 and "swept: oppu+cd" in (out / "sweep.md").read_text()
+    # a repetition penalty applies to both rows compared: oppu and oppu+cd are decoded again
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.5", "--tau", "0.1",
+                 "--method", "oppu+cd", "--repetition-penalty", "1.3", "--json"]) == 0
+    sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sweep["generated"] == 8 and set(sweep["points"]) == {"0.5,0.1,rp1.3"}
 
 
 def test_sweep_without_a_run_says_what_to_do(tmp_path, capsys):

@@ -101,3 +101,10 @@ def test_nucleus_is_exact_for_wide_distributions():
     draws = {rule.sample_top_p(scores, 1.0, 0.95, np.random.default_rng(s)) for s in range(200)}
     assert draws <= allowed
     assert need > 1024
+
+
+def test_repetition_penalty_lowers_only_the_seen_tokens():
+    logits = np.array([2.0, -1.0, 3.0, 0.5], np.float32)
+    out = rule.penalize(logits, {0, 1}, 2.0)
+    assert out.tolist() == [1.0, -2.0, 3.0, 0.5] and logits.tolist() == [2.0, -1.0, 3.0, 0.5]
+    assert rule.penalize(logits, {0, 1}, 1.0) is logits and rule.penalize(logits, set(), 2.0) is logits

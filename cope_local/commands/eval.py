@@ -56,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--protect", default="none", help="comma-separated token classes the contrast leaves alone: "
                                                      "none (the paper), eos, eos+punct (default none)")
     s.add_argument("--users", type=int, default=None, metavar="N", help="only the first N users (default: the run's)")
+    s.add_argument("--repetition-penalty", default="1", metavar="P,...",
+                   help="comma-separated repetition penalties, applied to oppu and the swept row alike (default 1: off)")
     s.add_argument("--method", default="cope", choices=("cope", "oppu+cd"),
                    help="the contrastive row to sweep: cope (DPO adapter, default) or oppu+cd (SFT adapter)")
     s.set_defaults(func=cmd_eval_sweep)
@@ -118,7 +120,8 @@ def cmd_eval_sweep(args) -> int:
 
     summary = run_sweep(args.data, args.out, parse_grid(args.alpha, "alpha"), parse_grid(args.tau, "tau"),
                         outputs=args.outputs, jobs=_jobs(args.jobs), command=_command(args, "sweep"),
-                        protects=parse_protect(args.protect), users=args.users, method=args.method)
+                        protects=parse_protect(args.protect), users=args.users, method=args.method,
+                        penalties=parse_grid(args.repetition_penalty, "repetition-penalty"))
     if args.json:
         print(json.dumps(summary, ensure_ascii=False, default=str))
     else:

@@ -47,6 +47,7 @@ class GenConfig:
     seed: int = 0  # sampling seed: same seed, same text
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
     protect: str = "none"  # "none" (the paper) | "eos": end-of-turn tokens | "eos+punct": also whitespace/punctuation
+    repetition_penalty: float = 1.0  # > 1: the tokens generated so far lose logit (the user's, in cope mode); 1 = off
     lazy_amateur: bool = True  # fast path; False is the naive lockstep reference
     ignore_eos: bool = False  # benchmarks only: always run to max_tokens
 
@@ -215,11 +216,14 @@ class Decoder:
     def _single_steps(self, ctx: Context, ids: list[int], cfg: GenConfig, rng) -> Iterator[int]:
         ctx.reset()
         logits = ctx.eval(ids)
+        seen: set[int] = set()  # generated tokens (the prompt's are not penalized: copying from it is often right)
         while True:
+            logits = rule.penalize(logits, seen, cfg.repetition_penalty)
             if cfg.temperature > 0:
                 tok = rule.sample_top_p(logits, cfg.temperature, cfg.top_p, rng)
             else:
                 tok = int(np.argmax(logits))
+            seen.add(tok)
             yield tok
             logits = ctx.eval([tok])
 
@@ -243,7 +247,9 @@ class Decoder:
         amateur_logits = None  # amateur logits at the current position, when known
         if not lazy:
             amateur_logits, pending = amateur.eval(pending), []
+        seen: set[int] = set()
         while True:
+            user_logits = rule.penalize(user_logits, seen, cfg.repetition_penalty)
             head = rule.head_set(user_logits, cfg.tau)
             gen.head_sizes.append(len(head))
             guess = guess_logits = None
@@ -260,6 +266,7 @@ class Decoder:
                     tok = int(head[rule.sample_top_p(scores, cfg.temperature, cfg.top_p, rng)])
                 else:
                     tok = rule.greedy(head, scores)
+            seen.add(tok)
             yield tok
             user_logits = expert.eval([tok])
             if not lazy:

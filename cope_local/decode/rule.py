@@ -44,6 +44,18 @@ def cope_scores(user_logits: np.ndarray, amateur_logits: np.ndarray, head: np.nd
     return lu - alpha * la
 
 
+def penalize(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
+    """Repetition penalty (the usual form: positive logits divided by `penalty`, negative ones
+    multiplied) on the tokens in `seen`; a copy. -> (V,)"""
+    if penalty == 1.0 or not seen:
+        return logits
+    out = logits.copy()
+    idx = np.fromiter(seen, dtype=np.int64)
+    vals = out[idx]
+    out[idx] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
 def _logsumexp(x: np.ndarray) -> float:
     m = float(x.max())
     return m + math.log(float(np.exp(x.astype(np.float64) - m).sum()))

@@ -48,6 +48,7 @@ class Decoding:
     tau: float  # head-set threshold
     max_tokens: int  # new tokens at most
     protect: str = "none"  # tokens the contrast leaves alone (GenConfig.protect): none | eos | eos+punct
+    repetition_penalty: float = 1.0  # GenConfig.repetition_penalty, for every method (1 = off)
 
 
 def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
@@ -57,6 +58,8 @@ def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
          "prompt_sha": hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16],
          "tam": ad.tam_key if (uses_tam and ad.tam) else "none", "tam_split": ad.tam_split,
          "adapter": ad.keys.get(adapter) if adapter else None}
+    if dec.repetition_penalty != 1.0:  # absent when off, so earlier rows stay valid
+        s["repetition_penalty"] = dec.repetition_penalty
     if mode == "cope":
         s |= {"alpha": dec.alpha, "tau": dec.tau}
         if dec.protect != "none":  # absent for the paper's rule, so rows made before the option stay valid
@@ -96,7 +99,7 @@ def generate_user(user: EvalUser, queries: list[Query], methods, ad: Adapters, d
                         decoder = Decoder(ad.base, ad.files[adapter] if adapter else None,
                                           tam=ad.tam if uses_tam else None, n_ctx=N_CTX)
                     cfg = GenConfig(mode=mode, alpha=dec.alpha, tau=dec.tau, max_tokens=dec.max_tokens, temperature=0.0,
-                                    protect=dec.protect)
+                                    protect=dec.protect, repetition_penalty=dec.repetition_penalty)
                     gen = decoder.generate(q.prompt, cfg)
                     text, stop = gen.text.strip(), gen.stop_reason
                 outputs[(q.id, method)] = text

@@ -25,7 +25,7 @@ class SweepJob:
     cfg: EvalConfig
     train: object  # TrainConfig
     user: object  # EvalUser
-    grid: list  # [(alpha, tau, protect)]
+    grid: list  # [(alpha, tau, protect, repetition penalty)]
     method: str = "cope"  # the contrastive row swept: "cope" (DPO adapter) or "oppu+cd" (SFT adapter)
 
 
@@ -70,17 +70,17 @@ def sweep_job(job: SweepJob) -> dict:
     done = {row_key(r) for r in read_rows(results) if r["user_id"] == user.user_id}
     base_dec = decoding_for(cfg, ws.task)
     out = {"user_id": user.user_id, "generated": 0, "cached": 0, "keys": {}}
-    for alpha, tau, protect in job.grid:
-        stats = generate_user(user, queries, ("oppu", job.method), ad, Decoding(alpha, tau, base_dec.max_tokens, protect),
-                              results, done)
+    for alpha, tau, protect, rp in job.grid:
+        stats = generate_user(user, queries, ("oppu", job.method), ad,
+                              Decoding(alpha, tau, base_dec.max_tokens, protect, rp), results, done)
         out["generated"] += stats["generated"]
         out["cached"] += stats["cached"]
-        out["keys"][point_name(alpha, tau, protect)] = [[*k, v] for k, v in stats["keys"].items()]
+        out["keys"][point_name(alpha, tau, protect, rp)] = [[*k, v] for k, v in stats["keys"].items()]
     return out
 
 
-def point_name(alpha: float, tau: float, protect: str = "none") -> str:
-    return f"{alpha},{tau}" + (f",{protect}" if protect != "none" else "")
+def point_name(alpha: float, tau: float, protect: str = "none", rp: float = 1.0) -> str:
+    return f"{alpha},{tau}" + (f",{protect}" if protect != "none" else "") + (f",rp{rp:g}" if rp != 1.0 else "")
 
 
 def parse_protect(text: str) -> list[str]:
@@ -105,7 +105,7 @@ def parse_grid(text: str, what: str) -> list[float]:
 
 def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, outputs: str | None = None,
               jobs: int = 1, command: str = "", protects: list[str] = ("none",), users: int | None = None,
-              method: str = "cope") -> dict:
+              method: str = "cope", penalties: list[float] = (1.0,)) -> dict:
     from cope_local.eval.metrics import paired, summarize
     from cope_local.eval.results import RESULTS, latest, read_rows, repair_tail
     from cope_local.eval.runner import run_jobs, select_users, train_config
@@ -120,7 +120,7 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     everyone, selected = select_users(cfg)
     attributor = Attributor({u.user_id: [item.output for item in u.history] for u in everyone})
     train = train_config(cfg)
-    grid = [(a, t, p) for a in alphas for t in taus for p in protects]
+    grid = [(a, t, p, r) for a in alphas for t in taus for p in protects for r in penalties]
     repair_tail(out_dir(cfg) / RESULTS)
     if method not in ("cope", "oppu+cd"):
         raise CopeError(f"--method {method!r}: sweep cope or oppu+cd")
@@ -129,12 +129,12 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     tam = "none (--no-tam)" if cfg.no_tam else "2-fold split (see table.md)"
     lines = ["# cope eval sweep", "", f"- command: `{command}`", f"- data: {cfg.data}; users: {len(selected)}; TAM: {tam}", "",
              f"- swept: {method} against oppu (the SFT adapter decoded alone)", "",
-             "| alpha | tau | protect | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) "
+             "| alpha | tau | protect | rep. penalty | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) "
              "| CoPe attribution | OPPU attribution | attribution CoPe - OPPU (query CI) | CoPe words | OPPU words |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     points = {}
-    for alpha, tau, protect in grid:
-        name = point_name(alpha, tau, protect)
+    for alpha, tau, protect, rp in grid:
+        name = point_name(alpha, tau, protect, rp)
         keys = {(k[0], k[1], k[2]): k[3] for r in res for k in r["keys"][name]}
         rows = latest(rows_all, keys)
         for r in rows:
@@ -146,10 +146,11 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
         s["cope"] = s[method]
         q, u, n = diff
         aq, _au, _ = paired(rows, method, "oppu", "attr")
-        lines.append(f"| {alpha:g} | {tau:g} | {protect} | {s['cope'].rougeL:.3f} | {s['oppu'].rougeL:.3f} | {q.fmt()} | "
+        lines.append(f"| {alpha:g} | {tau:g} | {protect} | {rp:g} | {s['cope'].rougeL:.3f} | {s['oppu'].rougeL:.3f} | {q.fmt()} | "
                      f"[{u.low:+.3f}, {u.high:+.3f}] | {s['cope'].attribution.mean:.3f} | "
                      f"{s['oppu'].attribution.mean:.3f} | {aq.fmt()} | {s['cope'].words:.1f} | {s['oppu'].words:.1f} |")
-        points[name] = {"alpha": alpha, "tau": tau, "protect": protect, "cope_rougeL": s["cope"].rougeL,
+        points[name] = {"alpha": alpha, "tau": tau, "protect": protect, "repetition_penalty": rp,
+                        "cope_rougeL": s["cope"].rougeL,
                         "oppu_rougeL": s["oppu"].rougeL, "diff": q.mean, "query_ci": [q.low, q.high],
                         "user_ci": [u.low, u.high], "n": n, "cope_attribution": s["cope"].attribution.mean,
                         "oppu_attribution": s["oppu"].attribution.mean, "attribution_diff_ci": [aq.low, aq.high],
