@@ -25,7 +25,7 @@ class LoraSpec:
 class TrainConfig:
     seed: int = 0  # one seed for data order, LoRA init, sampling
     device: str = "auto"  # auto: cuda, else mps, else cpu
-    precision: str = "auto"  # auto: bf16 matmuls where the hardware has them (GPUs; CPUs with AVX512-BF16/AMX); "float32"
+    precision: str = "auto"  # auto: bf16/fp16 on GPUs, float32 on CPUs (exact resume); "bfloat16": also on CPUs with AVX512-BF16/AMX (1.6x faster, not bit-reproducible); "float32"
     max_prompt_tokens: int = 384  # longer prompts lose the end of their last message's text (the template's framing stays)
     max_target_tokens: int = 256  # longer targets are cut at the end (and get no end-of-turn token)
     batch_tokens: int = 2048  # memory budget per micro-batch (tokens); batches accumulate to batch_size

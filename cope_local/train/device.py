@@ -2,11 +2,11 @@
 
 CUDA, else Apple MPS, else CPU (`--device` overrides). GPUs train in bfloat16
 where supported, else float16 with a gradient scaler, the frozen base stored in
-that precision. CPUs keep the base in float32 and autocast the matmuls to
-bfloat16 where the CPU has bf16 instructions (AVX512-BF16 or AMX: a SmolLM2
-LoRA step took 1.7 s instead of 2.7 s here, the loss equal to 3 decimals);
-other CPUs, where bf16 is emulated and slower, stay in float32, as does
-`precision = "float32"`. The LoRA weights stay float32 either way (peft
+that precision. CPUs train in float32 by default: bf16 autocast
+(`precision = "bfloat16"`, only where the CPU has AVX512-BF16 or AMX) made a
+SmolLM2 LoRA step 1.6x faster here (1.7 vs 2.7 s, loss equal to 3 decimals)
+but not bit-reproducible across processes (oneDNN), which exact resume
+after a kill needs; so it is opt-in. The LoRA weights stay float32 either way (peft
 keeps adapter weights in fp32).
 
 An optimizer step is `batch_size` examples; they are split into micro-batches
@@ -105,9 +105,9 @@ def cpu_has_bf16() -> bool:
 
 def choose_device(pref: str = "auto", precision: str = "auto") -> DevicePlan:
     """The device to train on; `pref` is "auto", "cpu", "cuda", "cuda:N" or "mps";
-    `precision` "auto" (bf16 where the hardware does it fast) or "float32"."""
-    if precision not in ("auto", "float32"):
-        raise CopeError(f"precision = {precision!r}: use \"auto\" or \"float32\"")
+    `precision` "auto" (GPUs: bf16/fp16; CPUs: float32), "float32", or "bfloat16" (CPUs too, where fast)."""
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise CopeError(f"precision = {precision!r}: use \"auto\", \"float32\" or \"bfloat16\"")
     import torch
 
     pref = (pref or "auto").strip().lower()
@@ -121,7 +121,7 @@ def choose_device(pref: str = "auto", precision: str = "auto") -> DevicePlan:
         else:
             pref = "cpu"
     if pref == "cpu":
-        fast = precision == "auto" and cpu_has_bf16()
+        fast = precision == "bfloat16" and cpu_has_bf16()  # opt-in: faster, not bit-reproducible
         return DevicePlan("cpu", "bfloat16" if fast else "float32", False, threads, storage="float32")
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
