@@ -17,6 +17,14 @@ def _log_softmax(x):
     return x - np.logaddexp.reduce(x)
 
 
+def _random_pair(seed: int, vocab: int):
+    """(rng, user logits, amateur logits, the user's tau-0.1 head set) drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    user = rng.normal(0, 3, vocab).astype(np.float32)
+    amateur = rng.normal(0, 3, vocab).astype(np.float32)
+    return rng, user, amateur, rule.head_set(user, 0.1)
+
+
 @settings(max_examples=200, deadline=None)
 @given(logits_1d, st.floats(1e-4, 1.0))
 def test_head_set_is_exactly_the_tau_ratio_set(logits, tau):
@@ -41,10 +49,7 @@ def test_tau_one_keeps_only_the_maxima(logits):
 @settings(max_examples=100, deadline=None)
 @given(st.integers(0, 10_000), st.integers(5, 400), st.floats(0.0, 1.0))
 def test_raw_logit_scores_pick_the_same_token_as_logprob_scores(seed, vocab, alpha):
-    rng = np.random.default_rng(seed)
-    user = rng.normal(0, 3, vocab).astype(np.float32)
-    amateur = rng.normal(0, 3, vocab).astype(np.float32)
-    head = rule.head_set(user, 0.1)
+    _rng, user, amateur, head = _random_pair(seed, vocab)
     tok = rule.greedy(head, rule.cope_scores(user, amateur, head, alpha))
     by_logprob = head[np.argmax(_log_softmax(user)[head] - alpha * _log_softmax(amateur)[head])]
     assert tok == by_logprob
@@ -53,11 +58,8 @@ def test_raw_logit_scores_pick_the_same_token_as_logprob_scores(seed, vocab, alp
 @settings(max_examples=100, deadline=None)
 @given(st.integers(0, 10_000), st.integers(5, 400), st.floats(0.0, 1.0))
 def test_protected_tokens_score_as_if_the_amateur_agreed(seed, vocab, alpha):
-    rng = np.random.default_rng(seed)
-    user = rng.normal(0, 3, vocab).astype(np.float32)
-    amateur = rng.normal(0, 3, vocab).astype(np.float32)
+    rng, user, amateur, head = _random_pair(seed, vocab)
     protected = rng.random(vocab) < 0.3
-    head = rule.head_set(user, 0.1)
     scores = rule.cope_scores(user, amateur, head, alpha, protected)
     lu, la = _log_softmax(user)[head], _log_softmax(amateur)[head]
     expected = np.where(protected[head], (1 - alpha) * lu, lu - alpha * la)

@@ -233,7 +233,7 @@ class ProfilesScreen(Screen):
                         "are kept in the cope-local data folder.\n\nCreate a profile from your writing (n), train it "
                         "(t), then use it (u).")
             adapters.set_options([])
-            self._from_edits(None)
+            self._from_edits(len(export_edit_pairs(None)), trained=False)
             return
         try:
             d = profiles.describe(name)
@@ -252,7 +252,7 @@ class ProfilesScreen(Screen):
         if d.get("active_error"):
             lines.append(d["active_error"])
         if pairs:
-            lines.append(f"From edits (e) learns from them" if pairs >= MIN_EDIT_PAIRS and d["active_adapter"]
+            lines.append("From edits (e) learns from them" if pairs >= MIN_EDIT_PAIRS and d["active_adapter"]
                          else f"(From edits needs a trained profile and {MIN_EDIT_PAIRS} edit pairs)")
         info.update("\n".join(lines))
         adapters.set_options([(a, a) for a in reversed(d["adapters"])])
@@ -260,14 +260,12 @@ class ProfilesScreen(Screen):
             cur = d["active_adapter"].rsplit("/", 1)[-1]
             if cur in d["adapters"]:
                 adapters.value = cur
-        self._from_edits(name)
+        self._from_edits(pairs, trained=bool(d["active_adapter"]))
 
-    def _from_edits(self, name: str | None) -> None:
-        n = len(export_edit_pairs(name))
+    def _from_edits(self, n_pairs: int, trained: bool) -> None:
         btn = self.query_one("#from-edits", Button)
-        btn.label = f"From edits ({n})"
-        trained = name is not None and profiles.active_adapter(name) is not None
-        btn.disabled = not trained or n < MIN_EDIT_PAIRS or self.training is not None
+        btn.label = f"From edits ({n_pairs})"
+        btn.disabled = not trained or n_pairs < MIN_EDIT_PAIRS or self.training is not None
 
     # ---- actions ------------------------------------------------------------------------------
     def action_new(self) -> None:

@@ -17,6 +17,7 @@ differently in batched kernels).
 from __future__ import annotations
 
 import os
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class Decoder:
         self.n_ctx = min(n_ctx, self.model.n_ctx_train) if self.model.n_ctx_train > 0 else n_ctx
         self.threads = threads  # None: default_threads(), looked at again before every generation
         self._contexts: dict[str, Context] = {}
+        self._load_seen = (-1.0, 0)  # (monotonic time, default_threads()) of the last look at the load
         self._protected: dict[str, np.ndarray | None] = {}
         self.chat_template = self.model.chat_template()
 
@@ -113,8 +115,17 @@ class Decoder:
             ctx.set_adapters(self._adapter_sets[role])
             self._contexts[role] = ctx
         elif self.threads is None and need:
-            ctx.set_threads(default_threads())  # a long job (negatives, eval) follows the machine's load
+            ctx.set_threads(self._threads_now())  # a long job (negatives, eval) follows the machine's load
         return ctx
+
+    def _threads_now(self) -> int:
+        """default_threads(), looked up at most once a second (every scoring call asks)."""
+        t, n = self._load_seen
+        now = time.monotonic()
+        if now - t > 1.0:
+            n = default_threads()
+            self._load_seen = (now, n)
+        return n
 
     @property
     def has_user_adapter(self) -> bool:

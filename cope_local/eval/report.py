@@ -24,17 +24,25 @@ def report_rows(cfg, keys: dict) -> list[dict]:
     return latest(read_rows(out_dir(cfg) / RESULTS), keys)
 
 
-def attribute(rows: list[dict], everyone) -> Interval:
-    """Mark each row with attr = 1.0 when its output reads as its own user's (style.py), else 0.0;
-    -> the same accuracy on the real references (the metric's ceiling on these queries).
-
-    The classifier is trained on every user of the file, on their training histories only
-    (held-out items removed), so no reference it is checked on was seen in training."""
+def attributor_for(users):
+    """The style classifier (style.py) trained on every user's training history only (held-out
+    items removed), so no reference it is checked on was seen in training."""
     from cope_local.eval.style import Attributor
 
-    attributor = Attributor({u.user_id: [item.output for item in u.history] for u in everyone})
+    return Attributor({u.user_id: [item.output for item in u.history] for u in users})
+
+
+def mark_attribution(rows: list[dict], attributor) -> None:
+    """Set attr = 1.0 on each row whose output reads as its own user's, else 0.0."""
     for r in rows:
         r["attr"] = float(attributor.correct(r["user_id"], r["output"]))
+
+
+def attribute(rows: list[dict], everyone) -> Interval:
+    """mark_attribution with a classifier of `everyone`; -> the same accuracy on the real
+    references (the metric's ceiling on these queries)."""
+    attributor = attributor_for(everyone)
+    mark_attribution(rows, attributor)
     refs = {(r["user_id"], r["query_id"]): r["reference"] for r in rows}
     return bootstrap_mean([float(attributor.correct(u, text)) for (u, _q), text in refs.items()])
 

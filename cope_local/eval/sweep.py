@@ -112,13 +112,13 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     from cope_local.paths import atomic_write_text
 
     t0 = time.monotonic()
-    from cope_local.eval.style import Attributor
+    from cope_local.eval.report import attributor_for, mark_attribution
 
     cfg = load_run(data, out, outputs)
     if users is not None:
         cfg.users = users
     everyone, selected = select_users(cfg)
-    attributor = Attributor({u.user_id: [item.output for item in u.history] for u in everyone})
+    attributor = attributor_for(everyone)
     train = train_config(cfg)
     grid = [(a, t, p, r) for a in alphas for t in taus for p in protects for r in penalties]
     repair_tail(out_dir(cfg) / RESULTS)
@@ -137,24 +137,23 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
         name = point_name(alpha, tau, protect, rp)
         keys = {(k[0], k[1], k[2]): k[3] for r in res for k in r["keys"][name]}
         rows = latest(rows_all, keys)
-        for r in rows:
-            r["attr"] = float(attributor.correct(r["user_id"], r["output"]))
+        mark_attribution(rows, attributor)
         s = summarize(rows, ["oppu", method])
         diff = paired(rows, method, "oppu", "rougeL")
         if diff is None or method not in s:
             continue
-        s["cope"] = s[method]
+        swept, oppu = s[method], s["oppu"]
         q, u, n = diff
         aq, _au, _ = paired(rows, method, "oppu", "attr")
-        lines.append(f"| {alpha:g} | {tau:g} | {protect} | {rp:g} | {s['cope'].rougeL:.3f} | {s['oppu'].rougeL:.3f} | {q.fmt()} | "
-                     f"[{u.low:+.3f}, {u.high:+.3f}] | {s['cope'].attribution.mean:.3f} | "
-                     f"{s['oppu'].attribution.mean:.3f} | {aq.fmt()} | {s['cope'].words:.1f} | {s['oppu'].words:.1f} |")
+        lines.append(f"| {alpha:g} | {tau:g} | {protect} | {rp:g} | {swept.rougeL:.3f} | {oppu.rougeL:.3f} | {q.fmt()} | "
+                     f"[{u.low:+.3f}, {u.high:+.3f}] | {swept.attribution.mean:.3f} | "
+                     f"{oppu.attribution.mean:.3f} | {aq.fmt()} | {swept.words:.1f} | {oppu.words:.1f} |")
         points[name] = {"alpha": alpha, "tau": tau, "protect": protect, "repetition_penalty": rp,
-                        "cope_rougeL": s["cope"].rougeL,
-                        "oppu_rougeL": s["oppu"].rougeL, "diff": q.mean, "query_ci": [q.low, q.high],
-                        "user_ci": [u.low, u.high], "n": n, "cope_attribution": s["cope"].attribution.mean,
-                        "oppu_attribution": s["oppu"].attribution.mean, "attribution_diff_ci": [aq.low, aq.high],
-                        "cope_words": s["cope"].words, "oppu_words": s["oppu"].words}
+                        "cope_rougeL": swept.rougeL,
+                        "oppu_rougeL": oppu.rougeL, "diff": q.mean, "query_ci": [q.low, q.high],
+                        "user_ci": [u.low, u.high], "n": n, "cope_attribution": swept.attribution.mean,
+                        "oppu_attribution": oppu.attribution.mean, "attribution_diff_ci": [aq.low, aq.high],
+                        "cope_words": swept.words, "oppu_words": oppu.words}
     atomic_write_text(out_dir(cfg) / "sweep.md", "\n".join(lines) + "\n", mode=0o644)
     return {"out": str(out_dir(cfg)), "users": len(selected), "generated": sum(r["generated"] for r in res),
             "cached": sum(r["cached"] for r in res), "points": points, "seconds": round(time.monotonic() - t0, 1)}

@@ -117,10 +117,10 @@ def train_from_edits(pipe, *, log=print) -> dict:
         raise CopeError(f"{store_path(ws.profile)}: {len(kept)} usable edit pairs, need at least {MIN_EDIT_PAIRS}; "
                         "edit and save more drafts (cope tui), then run --from-edits again")
     folder = ws.stages_dir / "edits"
-    marker = ws.stages_dir / "edits.json"
+    marker = pipe.marker("edits")
     cfg = edits_config(pipe.cfg, len(kept))
     key = _key(kept, start, pipe, cfg)
-    done = _read(marker)
+    done = pipe.read_marker("edits")
     adapter_dir = folder / "adapter"
     if done.get("key") == key and done.get("state") == "done" and (ws.path / done.get("adapter", ".none")).exists():
         log("edits: up to date (no new edits since the last update)")
@@ -158,10 +158,3 @@ def _key(pairs: list[dict], start: Path, pipe, cfg: TrainConfig) -> str:
             "cfg": [cfg.dpo_lr, cfg.dpo_epochs, cfg.dpo_beta, cfg.dpo_batch_size, cfg.seed, cfg.max_steps]}
     return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
 
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
