@@ -107,7 +107,7 @@ def main() -> int:
         shutil.rmtree(home / "profiles" / name, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "cope_local", "profile", "create", name, "--from", str(data), "--task", task],
                        env=env, check=True, stdout=subprocess.DEVNULL)
-    extra = [x for s in args.sets for x in ("--set", s)]
+    extra = ["--dpo"] + [x for s in args.sets for x in ("--set", s)]  # every stage the target names (dpo is opt-in)
     print(f"bench: {len(rows)} items ({'LaMP-7 dev' if args.lamp7 else 'persona, cycled'}), task {task}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; COPE_HOME={home}", flush=True)
     results = {}

@@ -36,9 +36,13 @@ def test_draft_json_with_adapter_in_cope_mode_reads_stdin(adapter):
     out = json.loads(r.stdout)
     assert out["mode"] == "cope" and out["alpha"] == 0.5 and 0 < out["new_tokens"] <= 16
     assert out["text"].strip()
-    again = json.loads(cope("draft", "Write one sentence about the sea.", "--adapter", str(adapter), "--alpha", "0.5",
-                            "--max-tokens", "16", "--json").stdout)
-    assert again["text"] == out["text"]  # cope is the default with an adapter; greedy is deterministic
+    again = json.loads(cope("draft", "Write one sentence about the sea.", "--adapter", str(adapter), "--mode", "cope",
+                            "--alpha", "0.5", "--max-tokens", "16", "--json").stdout)
+    assert again["text"] == out["text"]  # greedy is deterministic
+    # an adapter not trained with DPO (this one has no cope.train.dpo) drafts alone by default: user mode
+    plain = json.loads(cope("draft", "Write one sentence about the sea.", "--adapter", str(adapter), "--max-tokens", "16",
+                            "--json").stdout)
+    assert plain["mode"] == "user" and plain["text"].strip()
 
 
 def test_drafting_never_imports_torch_or_transformers_nor_touches_the_network(adapter):

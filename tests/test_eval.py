@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cope_local.eval.data import EvalUser, Query, fold_of, load_users, other_fold, tam_history
-from cope_local.eval.metrics import bootstrap_clustered, bootstrap_mean, paired, rouge
+from cope_local.eval.metrics import bootstrap_clustered, bootstrap_mean, bootstrap_ratio, paired, rouge
 
 TWEETS = [
     "sunny again today, off to the beach with the dogs",
@@ -55,6 +55,12 @@ def test_bootstrap_contains_the_difference_and_is_seeded():
     # one user's 10 identical differences: no spread between users, but the CI still holds the mean
     one = bootstrap_clustered([0.1] * 10, ["a"] * 10)
     assert one.low == pytest.approx(0.1) and one.high == pytest.approx(0.1)
+    # a ratio of means (the length ratio): outputs ~half as long as their references
+    refs = rng.integers(5, 30, size=200)
+    outs = np.round(refs * 0.5 + rng.normal(0, 1, size=200))
+    ratio = bootstrap_ratio(outs, refs)
+    assert ratio.mean == pytest.approx(outs.sum() / refs.sum()) and ratio.low < ratio.mean < ratio.high
+    assert 0.45 < ratio.low and ratio.high < 0.55 and bootstrap_ratio(outs, refs) == ratio
 
 
 def test_paired_matches_queries_by_user_and_id():
@@ -74,6 +80,28 @@ def _user_row(uid: str, n_profile: int = 10, n_queries: int = 1) -> dict:
                          "input": f"Paraphrase the following tweet without any explanation before or after it: "
                                   f"It rained all day so I stayed inside {i}.",
                          "output": f"rain all day, staying in {i} #{uid}"} for i in range(n_queries)]}
+
+
+def test_per_user_choice_picks_on_the_other_half():
+    from cope_local.eval.sweep import per_user_choice, query_half
+
+    qids = [f"q{i}" for i in range(8)]
+    assert {query_half(q) for q in qids} == {0, 1}
+
+    def rows(user, score):  # score(query id) -> ROUGE-L of the swept method at this point
+        return [{"user_id": user, "query_id": q, "method": "cope", "rougeL": score(q)} for q in qids]
+
+    # point "a" is better on half 0 only, "b" on half 1 only: each half gets the point that won the OTHER half
+    a = lambda q: 0.9 if query_half(q) == 0 else 0.1  # noqa: E731
+    b = lambda q: 0.1 if query_half(q) == 0 else 0.9  # noqa: E731
+    out = per_user_choice({"a": rows("ann", a), "b": rows("ann", b)}, "cope")
+    assert sorted(r["query_id"] for r in out) == qids
+    assert all(r["chosen_point"] == ("b" if query_half(r["query_id"]) == 0 else "a") for r in out)
+    assert all(r["rougeL"] == 0.1 for r in out)  # a choice that over-fits its own half scores worse on the other
+    # a point better on both halves is chosen everywhere; ties go to the first point; users are separate
+    c = lambda q: 0.5  # noqa: E731
+    out = per_user_choice({"c": rows("bo", c) + rows("cy", c), "d": rows("bo", lambda q: 0.7) + rows("cy", c)}, "cope")
+    assert {(r["user_id"], r["chosen_point"]) for r in out} == {("bo", "d"), ("cy", "c")}
 
 
 def test_tam_split_is_fixed_and_never_sees_the_user(tmp_path):
@@ -181,6 +209,11 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     assert "TAM split: none" in table and "eval run" in table
     # the style metric: every output attributed to a user by the classifier trained on both histories
     assert "| ROUGE-L 95 % CI | attribution | attribution 95 % CI |" in table and "| (real texts) |" in table
+    assert "| ROUGE-1 95 % CI |" in table and "| length ratio | length ratio 95 % CI |" in table
+    for m in METHODS:  # every pooled figure comes with its interval, and the interval holds it
+        f = first["methods"][m]
+        for key in ("rouge1", "rougeL", "attribution", "length_ratio"):
+            assert f[f"{key}_ci"][0] <= f[key] <= f[f"{key}_ci"][1], (m, key)
     assert all(0.0 <= first["methods"][m]["attribution"] <= 1.0 for m in METHODS)
     assert first["attribution_of_real_texts"] >= 0.5 and "- cope - oppu, attr:" in table
     assert (out / "rougeL.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -202,11 +235,17 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
                  "--protect", "none,eos", "--json"]) == 0
     sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # 4 queries x (alpha 0.5, the paper's rule) + 4 x 2 alphas with the end of turn protected
-    assert sweep["generated"] == 12 and set(sweep["points"]) == {"0.1,0.1", "0.5,0.1", "0.1,0.1,eos", "0.5,0.1,eos"}
+    assert sweep["generated"] == 12 and set(sweep["points"]) == {"0.1,0.1", "0.5,0.1", "0.1,0.1,eos", "0.5,0.1,eos",
+                                                                "per-user"}
     assert sweep["points"]["0.1,0.1"]["cope_rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
     assert 0.0 <= sweep["points"]["0.1,0.1,eos"]["cope_attribution"] <= 1.0
     md = (out / "sweep.md").read_text()
     assert "| 0.5 | 0.1 | none | 1 |" in md and "| 0.5 | 0.1 | eos | 1 |" in md
+    per_user = sweep["points"].pop("per-user")  # a point chosen per user on the other half of the user's queries
+    assert set(per_user["points_chosen"]) <= set(sweep["points"]) and per_user["n"] == 4
+    assert min(p["cope_rougeL"] for p in sweep["points"].values()) <= per_user["cope_rougeL"] \
+        <= max(p["cope_rougeL"] for p in sweep["points"].values())
+    assert "| per user | per user |" in md
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == len(rows) + 1 + 12 and json.loads(lines[-1])["settings"]["protect"] == "eos"
     # the contrast on the SFT adapter (oppu+cd) can be swept too: only its new alpha is decoded

@@ -31,9 +31,9 @@ def history(tmp_path: Path, n: int) -> Path:
 
 
 def tiny_cfg(**kw) -> TrainConfig:
-    """Few, short, bold steps: enough to change the drafts of a 135M model, fast on 2 cores."""
+    """Few, short, bold steps: enough to change the drafts of a 135M model, fast on 2 cores. All stages (--dpo)."""
     cfg = TrainConfig(seed=0, max_steps=3, max_target_tokens=32, neg_samples=2, neg_max_tokens=8,
-                      dpo_batch_size=8).updated({"user.lr": 3e-3, "sft_batch_size": 4})
+                      dpo_batch_size=8, dpo=True).updated({"user.lr": 3e-3, "sft_batch_size": 4})
     return cfg.updated(kw) if kw else cfg
 
 
@@ -76,6 +76,9 @@ def test_full_pipeline_activates_an_adapter_that_changes_drafts(default_model, t
     assert meta["cope.train.profile"] == "ro" and meta["cope.train.sft_steps"] == 3 and meta["cope.train.dpo"] is True
     base_text, user_text = draft(default_model, None, "base"), draft(default_model, active, "user")
     assert user_text != base_text
+    from cope_local.decode.decoder import default_mode_for
+
+    assert default_mode_for(active) == "cope" and default_mode_for(None) == "base"  # a DPO adapter drafts in cope mode
 
     # a second run has nothing to do
     again = train_profile("ro", tiny_cfg(), progress=False)
@@ -180,6 +183,13 @@ def test_cli_train_stages_and_errors(default_model, tmp_path, capsys, cope):
     assert cope(["profile", "train", "ro", "--set", "user.lr=fast"]) == 2
     assert "user.lr = 'fast' should be of type float" in capsys.readouterr().err
     assert cope(["profile", "train", "nobody"]) == 2
+    capsys.readouterr()
+    # the default leaves out the paper's negatives + DPO; --dpo runs them (settings line says so)
+    from cope_local.train.settings import load_config
+
+    assert load_config(None).dpo is False
+    assert cope(["profile", "train", "ro", "--dpo", "--stages", "inputs", "--json"]) == 0
+    assert "dpo=True" in capsys.readouterr().err
 
 
 def test_tam_then_profile_on_top_of_it(default_model, tmp_path, cope):
@@ -203,5 +213,8 @@ def test_tam_then_profile_on_top_of_it(default_model, tmp_path, cope):
     from cope_local.gguf_file import read_header
 
     assert read_header(profiles.active_adapter("ro"), what="adapter").values["cope.train.tam"] == "replies"
+    from cope_local.decode.decoder import default_mode_for
+
+    assert default_mode_for(profiles.active_adapter("ro")) == "user"  # an SFT (OPPU) adapter drafts alone by default
     with pytest.raises(CopeError, match="no trained TAM"):
         train_profile("ro", tiny_cfg(tam_adapter="nothere"), progress=False)

@@ -170,7 +170,7 @@ async def test_split_view_compares_the_personal_draft_with_the_base_model():
         await draft(pilot, ASK)
         personal, base = screen.query_one("#out").text, screen.query_one("#out-base").text
         assert personal.strip() and base.strip() and personal != base  # the adapter matters
-        assert str(screen.query_one("#out").border_subtitle).startswith("cope")
+        assert str(screen.query_one("#out").border_subtitle).startswith("user")  # an adapter without DPO drafts alone
         assert str(screen.query_one("#out-base").border_subtitle).startswith("base")
         assert app.store.path.parent.name == "ro"  # drafts of a profile live in its folder
         # mode and alpha controls: base mode alone gives the base model's text

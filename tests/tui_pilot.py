@@ -72,7 +72,7 @@ def persona_profile(name: str = "ro", adapter: bool = True, seed: int = 1) -> Pa
 
     prof, _items, _report = profiles.create_profile(name, [PERSONA])
     if adapter:
-        path = write_random_lora(resolve_model(), prof.adapters_dir / f"{name}-demo.gguf", std=0.08, seed=seed)
+        path = write_random_lora(resolve_model(), prof.adapters_dir / f"{name}-demo.gguf", std=0.1, seed=seed)
         profiles.set_active_adapter(prof, path)
     return prof.path
 

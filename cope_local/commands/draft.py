@@ -10,7 +10,8 @@ def add_decoding_args(p) -> None:
     """Flags shared by every command that drafts text."""
     p.add_argument("--model", default=None, help="base model name or .gguf path (default: smollm2-135m)")
     p.add_argument("--mode", choices=("cope", "user", "base"), default=None,
-                   help="cope: contrast user vs amateur (default with an adapter); user: the adapter alone; base: no adapter")
+                   help="cope: contrast user vs amateur (default for an adapter trained with --dpo); "
+                        "user: the adapter alone (default for other adapters); base: no adapter")
     p.add_argument("--alpha", type=float, default=None, help="contrast strength (default: the task's)")
     p.add_argument("--tau", type=float, default=0.1, help="head set: p_user >= tau * max p_user (default 0.1)")
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens at most (default: the task's)")

@@ -31,10 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verbs = profile_verbs(subparsers)
     p = verbs.add_parser(
         "train", help="personalize: train and activate an adapter on the profile's history",
-        description="Runs the stages inputs, pairs, sft, negatives, dpo, export, activate. Finished stages are "
-                    "skipped; an interrupted run resumes where it stopped. Settings come from the defaults "
-                    "(the paper's), the profile's [train] table, --config and --set, in that order.")
+        description="Runs the stages inputs, pairs, sft, export, activate (with --dpo also negatives and dpo, "
+                    "the paper's CoPe training). Finished stages are skipped; an interrupted run resumes where it "
+                    "stopped. Settings come from the defaults (the paper's), the profile's [train] table, --config "
+                    "and --set, in that order.")
     p.add_argument("name", help="profile name")
+    p.add_argument("--dpo", action="store_true",
+                   help="also synthetic negatives + DPO, the paper's CoPe training (~4x the time; drafts then "
+                        "default to cope mode; same as --set dpo=true)")
     p.add_argument("--stages", help="comma-separated stages to run (default: all): "
                                     "inputs,pairs,sft,negatives,dpo,export,activate")
     p.add_argument("--from-edits", action="store_true",
@@ -83,7 +87,8 @@ def cmd_profile_train(args) -> int:
     from cope_local.train.tam import Workspace
 
     prof = load_profile(args.name)
-    cfg = load_config(prof, config_file=args.config, sets=args.sets, device=args.device, max_steps=args.max_steps)
+    sets = [*args.sets, "dpo=true"] if args.dpo else args.sets
+    cfg = load_config(prof, config_file=args.config, sets=sets, device=args.device, max_steps=args.max_steps)
     line = _settings_line(cfg)
     print(f"training profile {prof.name!r} (task {prof.task})" + (f"; {line}" if line else ""), file=sys.stderr)
     pipe = Pipeline(Workspace.from_profile(prof), cfg)

@@ -37,9 +37,20 @@ MODES = ("cope", "user", "base")
 PROTECT = ("none", "eos", "eos+punct")  # tokens the contrast leaves alone (rule.cope_scores `protected`)
 
 
+def default_mode_for(adapter: Path | None) -> str:
+    """The mode of a draft that names none: base without a user adapter; cope for an adapter trained
+    with DPO on synthetic negatives (the paper's pipeline, whose DPO is made for the contrast); user for
+    any other adapter (OPPU: on the LaMP-7 dev users the contrast did not beat it, README "Results")."""
+    if adapter is None:
+        return "base"
+    from cope_local.gguf_file import read_header
+
+    return "cope" if read_header(adapter, what="adapter").get("cope.train.dpo") is True else "user"
+
+
 @dataclass
 class GenConfig:
-    mode: str | None = None  # "cope" | "user" | "base"; None: cope with a user adapter, else base
+    mode: str | None = None  # "cope" | "user" | "base"; None: the decoder's default_mode (see default_mode_for)
     alpha: float = 0.3  # contrast strength; the paper uses 0.1-0.7, tasks set their own
     tau: float = 0.1  # head set: tokens with p_user >= tau * max p_user (the paper's 0.1)
     max_tokens: int = 256  # new tokens at most
@@ -91,6 +102,7 @@ class Decoder:
                 from cope_local.binding import check_binding
 
                 check_binding(path, self.base_path, force=force)
+        self.default_mode = default_mode_for(self.adapter_path)  # what a draft that names no mode uses
         self.model = Model(self.base_path, gpu_layers)
         tam_set = [(self.model.load_adapter(self.tam_path), tam_scale)] if self.tam_path else []
         user_set = [(self.model.load_adapter(self.adapter_path), adapter_scale)] if self.adapter_path else []
@@ -166,7 +178,7 @@ class Decoder:
 
     # -- generation --------------------------------------------------------------------------
     def resolve_mode(self, mode: str | None) -> str:
-        mode = mode or ("cope" if self.has_user_adapter else "base")
+        mode = mode or self.default_mode
         if mode not in MODES:
             raise CopeError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if mode in ("cope", "user") and not self.has_user_adapter:

@@ -81,6 +81,21 @@ def bootstrap_clustered(values, clusters, *, resamples: int = RESAMPLES, seed: i
     return Interval(float(x.mean()), float(np.quantile(means, q)), float(np.quantile(means, 1 - q)))
 
 
+def bootstrap_ratio(numerators, denominators, *, resamples: int = RESAMPLES, seed: int = SEED,
+                    level: float = 0.95) -> Interval:
+    """Percentile CI of sum(numerators) / sum(denominators) (a ratio of means), resampling items in pairs."""
+    a = np.asarray(numerators, dtype=np.float64)
+    b = np.asarray(denominators, dtype=np.float64)
+    if a.size == 0 or b.sum() == 0:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(resamples, a.size))  # (R, n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = a[idx].sum(axis=1) / b[idx].sum(axis=1)  # (R,)
+    q = (1 - level) / 2
+    return Interval(float(a.sum() / b.sum()), float(np.nanquantile(ratios, q)), float(np.nanquantile(ratios, 1 - q)))
+
+
 @dataclass
 class MethodSummary:
     method: str
@@ -90,6 +105,8 @@ class MethodSummary:
     rougeL_ci: Interval  # query bootstrap of the pooled ROUGE-L (the chart's error bar)
     words: float  # mean output length in words
     length_ratio: float  # mean output words / mean reference words
+    rouge1_ci: Interval  # query bootstrap of the pooled ROUGE-1
+    length_ratio_ci: Interval  # query bootstrap of the length ratio (output and reference words resampled together)
     user_rougeL: dict  # user_id -> that user's mean ROUGE-L
     attribution: Interval | None = None  # share of outputs attributed to their own user (style.py), with its CI
 
@@ -106,11 +123,13 @@ def summarize(rows: list[dict], methods: list[str]) -> dict[str, MethodSummary]:
         per_user: dict[str, list[float]] = {}
         for r in mine:
             per_user.setdefault(r["user_id"], []).append(r["rougeL"])
-        ref_words = float(np.mean([words(r["reference"]) for r in mine]))
-        out_words = float(np.mean([words(r["output"]) for r in mine]))
+        ref_words = [words(r["reference"]) for r in mine]
+        out_words = [words(r["output"]) for r in mine]
         attr = [r["attr"] for r in mine if "attr" in r]
-        out[m] = MethodSummary(m, len(mine), float(np.mean(r1)), float(np.mean(rl)), bootstrap_mean(rl), out_words,
-                               out_words / ref_words if ref_words else float("nan"),
+        out[m] = MethodSummary(m, len(mine), float(np.mean(r1)), float(np.mean(rl)), bootstrap_mean(rl),
+                               float(np.mean(out_words)),
+                               sum(out_words) / sum(ref_words) if sum(ref_words) else float("nan"),
+                               bootstrap_mean(r1), bootstrap_ratio(out_words, ref_words),
                                {u: float(np.mean(v)) for u, v in per_user.items()},
                                bootstrap_mean(attr) if len(attr) == len(mine) else None)
     return out

@@ -96,18 +96,18 @@ def write_report(cfg, keys: dict, users, everyone=None) -> dict:
         f"- style: authorship attribution accuracy (`cope_local/eval/style.py`: character 1-4-gram TF-IDF "
         f"centroids of all {len(everyone or users)} users' training histories; chance = 1/{len(everyone or users)}); "
         f"the real texts of these queries score " + (ceiling.fmt() if ceiling else "n/a"), "",
-        "| method | ROUGE-1 | ROUGE-L | ROUGE-L 95 % CI | attribution | attribution 95 % CI | words | length ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | ROUGE-1 | ROUGE-1 95 % CI | ROUGE-L | ROUGE-L 95 % CI | attribution | attribution 95 % CI | words "
+        "| length ratio | length ratio 95 % CI |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         s = summary[m]
         a = s.attribution
-        lines.append(f"| {m} | {s.rouge1:.3f} | {s.rougeL:.3f} | [{s.rougeL_ci.low:.3f}, {s.rougeL_ci.high:.3f}] | "
-                     + (f"{a.mean:.3f} | [{a.low:.3f}, {a.high:.3f}]" if a else "n/a | n/a")
-                     + f" | {s.words:.1f} | {s.length_ratio:.2f} |")
+        lines.append(f"| {m} | {s.rouge1:.3f} | {ci(s.rouge1_ci)} | {s.rougeL:.3f} | {ci(s.rougeL_ci)} | "
+                     + (f"{a.mean:.3f} | {ci(a)}" if a else "n/a | n/a")
+                     + f" | {s.words:.1f} | {s.length_ratio:.2f} | {ci(s.length_ratio_ci, 2)} |")
     if ceiling:
-        lines.append(f"| (real texts) | 1.000 | 1.000 | | {ceiling.mean:.3f} | [{ceiling.low:.3f}, {ceiling.high:.3f}] "
-                     f"| | 1.00 |")
+        lines.append(f"| (real texts) | 1.000 | | 1.000 | | {ceiling.mean:.3f} | {ci(ceiling)} | | 1.00 | |")
     lines += ["", "Differences (mean over paired queries, 95 % CI):", ""] + (ci_lines or ["- (no pairs to compare)"])
     lines += ["", "Per-user ROUGE-L:", "", "| user | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for u in user_ids:
@@ -115,11 +115,23 @@ def write_report(cfg, keys: dict, users, everyone=None) -> dict:
     out = out_dir(cfg)
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n", mode=0o644)
     chart(summary, methods, out / "rougeL.png", title=f"ROUGE-L, {len(user_ids)} users, {n_queries} queries")
-    return {"methods": {m: {"rouge1": summary[m].rouge1, "rougeL": summary[m].rougeL, "words": summary[m].words,
-                            "length_ratio": summary[m].length_ratio, "n": summary[m].n,
-                            "attribution": summary[m].attribution.mean if summary[m].attribution else None}
-                        for m in methods},
+    return {"methods": {m: method_json(summary[m]) for m in methods},
             "attribution_of_real_texts": ceiling.mean if ceiling else None, "differences": cis}
+
+
+def method_json(s) -> dict:
+    """One method's pooled scores and their 95 % CIs ([low, high]) for --json."""
+    a = s.attribution
+    return {"rouge1": s.rouge1, "rouge1_ci": [s.rouge1_ci.low, s.rouge1_ci.high],
+            "rougeL": s.rougeL, "rougeL_ci": [s.rougeL_ci.low, s.rougeL_ci.high],
+            "attribution": a.mean if a else None, "attribution_ci": [a.low, a.high] if a else None,
+            "words": s.words, "length_ratio": s.length_ratio,
+            "length_ratio_ci": [s.length_ratio_ci.low, s.length_ratio_ci.high], "n": s.n}
+
+
+def ci(interval, digits: int = 3) -> str:
+    """[low, high] of an interval, for a table cell."""
+    return f"[{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
 
 
 def chart(summary: dict, methods: list[str], path: Path, title: str = "ROUGE-L") -> Path | None:

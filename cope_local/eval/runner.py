@@ -155,7 +155,8 @@ def _job_tam(job: Job) -> dict:
 
 
 def user_train_config(job_cfg: EvalConfig, train, user: EvalUser):
-    return train.updated({"tam_adapter": "" if job_cfg.no_tam else str(tam_dir(job_cfg, user.fold))})
+    # dpo on: the DPO stages run when a method needs them (run_user picks the stages), whatever the default
+    return train.updated({"tam_adapter": "" if job_cfg.no_tam else str(tam_dir(job_cfg, user.fold)), "dpo": True})
 
 
 def holdout_queries(user: EvalUser, ws, base: Path) -> list[Query]:

@@ -4,11 +4,13 @@ The adapters, TAM split and settings come from OUT/eval.json and OUT/users/*/sta
 `cope eval run`); nothing is trained. Rows go to the same results.jsonl (cached: a grid point
 already decoded is free), and sweep.md gives, per point, CoPe's pooled ROUGE-L and its
 difference to OPPU (the SFT adapter decoded alone) with paired bootstrap CIs, its authorship
-attribution accuracy (style.py) beside OPPU's, and its length.
+attribution accuracy (style.py) beside OPPU's, and its length. With more than one grid point it
+adds a per-user choice of the point, cross-fitted on each user's own queries (per_user_choice).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -79,6 +81,36 @@ def sweep_job(job: SweepJob) -> dict:
     return out
 
 
+def query_half(query_id: str) -> int:
+    """0 or 1: a stable split of a user's queries for choosing settings on one half and scoring on the other."""
+    return int(hashlib.sha256(str(query_id).encode()).hexdigest()[:8], 16) % 2
+
+
+def per_user_choice(point_rows: dict[str, list[dict]], method: str, metric: str = "rougeL") -> list[dict]:
+    """`method`'s rows with each user's grid point chosen on the user's other half of queries (cross-fitting).
+
+    point_rows: grid point name -> its rows (every user and query). For each user and half h, the point
+    with the best mean metric on half 1-h gives the rows of half h (ties: the first point of the grid;
+    an empty other half: the first point), so a setting is never chosen on the query it is scored on.
+    Each returned row is a copy with `chosen_point` added.
+    """
+    names = list(point_rows)
+    by_point = {name: {(r["user_id"], r["query_id"]): r for r in rows if r["method"] == method}
+                for name, rows in point_rows.items()}
+    keys = [k for k in by_point[names[0]] if all(k in by_point[n] for n in names)]
+    out = []
+    for user in dict.fromkeys(k[0] for k in keys):
+        mine = [k for k in keys if k[0] == user]
+        for half in (0, 1):
+            other = [k for k in mine if query_half(k[1]) != half]
+            best = names[0]
+            if other:
+                means = [sum(by_point[n][k][metric] for k in other) / len(other) for n in names]
+                best = names[means.index(max(means))]  # index of the first maximum: ties go to the earlier point
+            out += [{**by_point[best][k], "chosen_point": best} for k in mine if query_half(k[1]) == half]
+    return out
+
+
 def point_name(alpha: float, tau: float, protect: str = "none", rp: float = 1.0) -> str:
     return f"{alpha},{tau}" + (f",{protect}" if protect != "none" else "") + (f",rp{rp:g}" if rp != 1.0 else "")
 
@@ -132,7 +164,7 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
              "| alpha | tau | protect | rep. penalty | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) "
              "| CoPe attribution | OPPU attribution | attribution CoPe - OPPU (query CI) | CoPe words | OPPU words |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    points = {}
+    points, point_rows = {}, {}
     for alpha, tau, protect, rp in grid:
         name = point_name(alpha, tau, protect, rp)
         keys = {(k[0], k[1], k[2]): k[3] for r in res for k in r["keys"][name]}
@@ -142,6 +174,7 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
         diff = paired(rows, method, "oppu", "rougeL")
         if diff is None or method not in s:
             continue
+        point_rows[name] = rows
         swept, oppu = s[method], s["oppu"]
         q, u, n = diff
         aq, _au, _ = paired(rows, method, "oppu", "attr")
@@ -154,6 +187,23 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
                         "user_ci": [u.low, u.high], "n": n, "cope_attribution": swept.attribution.mean,
                         "oppu_attribution": oppu.attribution.mean, "attribution_diff_ci": [aq.low, aq.high],
                         "cope_words": swept.words, "oppu_words": oppu.words}
+    if len(point_rows) > 1:  # a per-user choice of the grid point, cross-fitted on each user's own queries
+        chosen = per_user_choice(point_rows, method)
+        rows = chosen + [r for r in next(iter(point_rows.values())) if r["method"] == "oppu"]
+        s = summarize(rows, ["oppu", method])
+        (q, u, n), (aq, _au, _) = paired(rows, method, "oppu", "rougeL"), paired(rows, method, "oppu", "attr")
+        picks = sorted({r["chosen_point"] for r in chosen})
+        lines.append(f"| per user | per user | | | {s[method].rougeL:.3f} | {s['oppu'].rougeL:.3f} | {q.fmt()} | "
+                     f"[{u.low:+.3f}, {u.high:+.3f}] | {s[method].attribution.mean:.3f} | "
+                     f"{s['oppu'].attribution.mean:.3f} | {aq.fmt()} | {s[method].words:.1f} | {s['oppu'].words:.1f} |")
+        lines += ["", "per user: each user's point is the one with the best mean ROUGE-L on the other half of that "
+                  "user's queries (2-fold, halves by hash of the query id), so no query is scored under a setting "
+                  f"chosen on itself; points chosen: {', '.join(picks)}"]
+        points["per-user"] = {"cope_rougeL": s[method].rougeL, "oppu_rougeL": s["oppu"].rougeL, "diff": q.mean,
+                              "query_ci": [q.low, q.high], "user_ci": [u.low, u.high], "n": n,
+                              "cope_attribution": s[method].attribution.mean,
+                              "oppu_attribution": s["oppu"].attribution.mean, "attribution_diff_ci": [aq.low, aq.high],
+                              "cope_words": s[method].words, "oppu_words": s["oppu"].words, "points_chosen": picks}
     atomic_write_text(out_dir(cfg) / "sweep.md", "\n".join(lines) + "\n", mode=0o644)
     return {"out": str(out_dir(cfg)), "users": len(selected), "generated": sum(r["generated"] for r in res),
             "cached": sum(r["cached"] for r in res), "points": points, "seconds": round(time.monotonic() - t0, 1)}
