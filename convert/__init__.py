@@ -11,7 +11,7 @@ transformers load only inside the functions that need them.
 
 from __future__ import annotations
 
-__all__ = ["export_adapter", "export_base", "load_hf_model", "describe"]
+__all__ = ["describe", "export_adapter", "export_base", "load_hf_model"]
 
 
 def __getattr__(name: str):

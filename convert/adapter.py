@@ -19,8 +19,8 @@ from pathlib import Path
 from convert.gguf_io import OUTTYPES, PlannedTensor, out_qtype, write_gguf
 from convert.lora import read_peft_lora, to_gguf_layout
 from cope_local.binding import binding_metadata
-from cope_local.gguf_file import read_header
 from cope_local.errors import CopeError
+from cope_local.gguf_file import read_header
 
 
 @dataclass

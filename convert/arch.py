@@ -75,8 +75,7 @@ def permute_rows(w, n_head: int, n_head_kv: int | None = None):
 def normalize_hf_name(name: str) -> str:
     """Strip wrappers so TensorNameMap sees plain decoder names."""
     for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
+        name = name.removeprefix(prefix)
     name = name.replace("model.language_model.", "model.").replace("language_model.model.", "model.")
     if name.startswith("language_model.lm_head"):
         name = name[len("language_model."):]

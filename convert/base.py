@@ -31,8 +31,8 @@ from convert.arch import gguf_name, permute_rows, spec_for, spec_for_hf
 from convert.gguf_io import OUTTYPES, PlannedTensor, TensorSource, copy_kv, decode_raw, out_qtype, write_gguf
 from convert.lora import read_peft_lora, to_gguf_layout
 from cope_local.binding import KEY_SOURCE_FP, KEY_SOURCE_NAME, fingerprint_info
-from cope_local.gguf_file import read_header
 from cope_local.errors import CopeError
+from cope_local.gguf_file import read_header
 
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 

@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 from cope_local import binding
-from cope_local.gguf_file import GGUFHeader, read_header
 from cope_local.errors import CopeError
+from cope_local.gguf_file import GGUFHeader, read_header
 
 
 def _type_name(t: int) -> str:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
-from cope_local.gguf_file import GGUFHeader
 from cope_local.errors import CopeError
+from cope_local.gguf_file import GGUFHeader
 from cope_local.paths import atomic_path
 
 OUTTYPES = ("f32", "f16", "q8_0")

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from convert.arch import EMBEDDING_MODULES, EMBEDDING_TENSORS, gguf_name, head_counts, permute_rows, spec_for
-from cope_local.gguf_file import GGUFHeader
 from cope_local.errors import CopeError
+from cope_local.gguf_file import GGUFHeader
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 
@@ -114,8 +114,7 @@ def read_peft_lora(peft_dir: str | os.PathLike) -> PeftLora:
             raise CopeError(f"{folder}: tensor {key} is not a LoRA A/B matrix (full weights or trainable tokens); "
                             f"retrain with plain LoRA, or merge it with `cope convert base --merge-adapter`")
         module = m.group("module")
-        if module.startswith("base_model.model."):
-            module = module[len("base_model.model."):]
+        module = module.removeprefix("base_model.model.")
         if module.split(".")[-1] in EMBEDDING_MODULES:
             raise CopeError(f"{folder}: LoRA on {module} (embeddings / lm_head) cannot be exported as a llama.cpp LoRA; retrain without it in target_modules")
         if arr.ndim != 2:

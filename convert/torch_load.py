@@ -85,8 +85,8 @@ def load_hf_model(base_gguf_path: str | os.PathLike, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from cope_local.gguf_file import read_header
     from cope_local.errors import CopeError
+    from cope_local.gguf_file import read_header
 
     path = Path(base_gguf_path).resolve()
     hdr = read_header(path, what="base model")

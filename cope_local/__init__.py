@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 from cope_local.errors import CopeError
 
-__all__ = ["CopeError", "Decoder", "GenConfig", "Generation", "resolve_model", "__version__"]
+__all__ = ["CopeError", "Decoder", "GenConfig", "Generation", "__version__", "resolve_model"]
 
 
 def __getattr__(name: str):

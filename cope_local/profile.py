@@ -22,10 +22,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
 
 from cope_local.errors import CopeError
 from cope_local.ingest import HistoryItem, IngestConfig, IngestReport, ingest, normalize_me, read_items, write_items

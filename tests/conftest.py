@@ -208,12 +208,11 @@ def convert_tiny(convert_dir, convert_smol):
     Random weights, no download: they prove the per-architecture conventions (Gemma norm +1,
     embedding scale, sliding window, Qwen2 biases, llama3 rope factors, GQA permutation).
     """
-    import torch
     from types import SimpleNamespace
 
+    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from convert.base import export_base
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from cope_local import binding
-from cope_local.gguf_file import read_header
 from cope_local.errors import CopeError
+from cope_local.gguf_file import read_header
 
 
 def _synthetic(path, *, name="m", template="{{ x }}", tokens=("a", "b", "c"), weight=1.0, arch="llama"):
@@ -35,7 +35,7 @@ def _synthetic(path, *, name="m", template="{{ x }}", tokens=("a", "b", "c"), we
 
 
 def test_fingerprint_covers_weights_and_tokenizer_not_labels(tmp_path):
-    fp = lambda p: binding.fingerprint_info(p)  # noqa: E731
+    fp = lambda p: binding.fingerprint_info(p)
     base = fp(_synthetic(tmp_path / "base.gguf"))
     relabeled = fp(_synthetic(tmp_path / "relabeled.gguf", name="other name", template="{{ y }}"))
     other_weights = fp(_synthetic(tmp_path / "weights.gguf", weight=1.0001))

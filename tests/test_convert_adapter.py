@@ -10,8 +10,8 @@ from conftest import blocked_network
 
 from convert.adapter import export_adapter
 from cope_local import binding
-from cope_local.gguf_file import read_header
 from cope_local.errors import CopeError
+from cope_local.gguf_file import read_header
 
 
 def gap(a_list, b_list) -> float:

@@ -12,8 +12,8 @@ from conftest import blocked_network
 from convert.base import export_base
 from convert.llama_probe import llama_tokenize
 from cope_local import binding
-from cope_local.gguf_file import read_header
 from cope_local.errors import CopeError
+from cope_local.gguf_file import read_header
 
 TOKEN_PROBES = [
     "Ünïcödé: naïve café, Привет мир, 日本語のテキスト, 한국어, עברית",

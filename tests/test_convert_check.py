@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from convert.check import describe, render
-from cope_local.gguf_file import read_header
 from cope_local.cli import main
+from cope_local.gguf_file import read_header
 
 
 @pytest.fixture(scope="module")

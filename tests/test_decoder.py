@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from convert.synthetic import write_random_lora
 from cope_local.decode import Decoder, GenConfig
 from cope_local.decode.detok import StreamDetokenizer
 from cope_local.errors import CopeError
-from convert.synthetic import write_random_lora
 
 PROMPTS = [
     "Write a short reply to a friend who invited me to go sailing on Sunday.",
@@ -104,7 +104,7 @@ def test_repetition_penalty_repeats_less_and_is_off_at_one(decoder):
         same = decoder.generate(prompt, GenConfig(mode=mode, max_tokens=40, ignore_eos=True, repetition_penalty=1.0))
         strict = decoder.generate(prompt, GenConfig(mode=mode, max_tokens=40, ignore_eos=True, repetition_penalty=1.5))
         assert same.tokens == plain.tokens
-        repeats = lambda g: len(g.tokens) - len(set(g.tokens))  # noqa: E731
+        repeats = lambda g: len(g.tokens) - len(set(g.tokens))
         assert repeats(strict) < repeats(plain), (mode, plain.text, strict.text)
 
 

@@ -92,14 +92,14 @@ def test_per_user_choice_picks_on_the_other_half():
         return [{"user_id": user, "query_id": q, "method": "cope", "rougeL": score(q)} for q in qids]
 
     # point "a" is better on half 0 only, "b" on half 1 only: each half gets the point that won the OTHER half
-    a = lambda q: 0.9 if query_half(q) == 0 else 0.1  # noqa: E731
-    b = lambda q: 0.1 if query_half(q) == 0 else 0.9  # noqa: E731
+    a = lambda q: 0.9 if query_half(q) == 0 else 0.1
+    b = lambda q: 0.1 if query_half(q) == 0 else 0.9
     out = per_user_choice({"a": rows("ann", a), "b": rows("ann", b)}, "cope")
     assert sorted(r["query_id"] for r in out) == qids
     assert all(r["chosen_point"] == ("b" if query_half(r["query_id"]) == 0 else "a") for r in out)
     assert all(r["rougeL"] == 0.1 for r in out)  # a choice that over-fits its own half scores worse on the other
     # a point better on both halves is chosen everywhere; ties go to the first point; users are separate
-    c = lambda q: 0.5  # noqa: E731
+    c = lambda q: 0.5
     out = per_user_choice({"c": rows("bo", c) + rows("cy", c), "d": rows("bo", lambda q: 0.7) + rows("cy", c)}, "cope")
     assert {(r["user_id"], r["chosen_point"]) for r in out} == {("bo", "d"), ("cy", "c")}
 

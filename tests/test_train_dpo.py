@@ -9,8 +9,8 @@ import signal
 
 import pytest
 import torch
-
 from conftest import train_tiny_cfg
+
 from cope_local.train import dpo as dpo_mod
 from cope_local.train.dpo import build_rows, load_policy, make_trainer, reference_logps, run_dpo
 from cope_local.train.negatives import candidate_length

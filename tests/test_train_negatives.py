@@ -8,8 +8,8 @@ import stat
 
 import numpy as np
 import pytest
-
 from conftest import TRAIN_TINY_HISTORY, train_tiny_cfg
+
 from cope_local.decode import Decoder
 from cope_local.train import negatives as neg_mod
 from cope_local.train.data import turn_end_id

@@ -176,9 +176,7 @@ def test_data_order_is_seeded_and_covers_each_epoch():
 def test_device_choice_and_micro_batches():
     from types import SimpleNamespace
 
-    from cope_local.train.device import bytes_per_token, choose_device, micro_batch_tokens, micro_batches
-
-    from cope_local.train.device import cpu_has_bf16
+    from cope_local.train.device import bytes_per_token, choose_device, cpu_has_bf16, micro_batch_tokens, micro_batches
 
     plan = choose_device("cpu")
     assert (plan.device, plan.dtype, plan.scaler) == ("cpu", "float32", False)  # exact resume needs it

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cope_local.errors import CopeError
 from cope_local.ingest.items import (
@@ -32,11 +32,19 @@ from cope_local.ingest.mail import Mail, mail_items, read_eml, read_maildir, rea
 from cope_local.ingest.tables import TABLE_SUFFIXES, items_from_records, read_table
 from cope_local.ingest.textfiles import TEXT_SUFFIXES, looks_binary, read_text_item
 
-__all__ = ["HistoryItem", "IngestConfig", "IngestReport", "ingest", "items_from_records", "read_items", "write_items",
-           "normalize_me"]
+__all__ = [
+    "HistoryItem",
+    "IngestConfig",
+    "IngestReport",
+    "ingest",
+    "items_from_records",
+    "normalize_me",
+    "read_items",
+    "write_items",
+]
 
 MBOX_SUFFIXES = {".mbox", ".mbx"}
-_HEADER_START = re.compile(rb"^(return-path|received|from|message-id|date|delivered-to|x-[\w-]+|mime-version|subject|to):", re.I)
+_HEADER_START = re.compile(rb"^(return-path|received|from|message-id|date|delivered-to|x-[\w-]+|mime-version|subject|to):", re.IGNORECASE)
 
 
 def normalize_me(me: Iterable[str]) -> set[str]:

@@ -18,30 +18,30 @@ from html.parser import HTMLParser
 # A line from which everything below is someone else's message (Outlook, Lotus Notes, webmail).
 _MARKER = (r"-{2,}\s*(original message|original appointment|forwarded message|message d'origine"
            r"|urspr.ngliche nachricht|mensaje original|messaggio originale|reply message)\s*-{2,}")
-_MARKER_RE = re.compile(_MARKER, re.I)
+_MARKER_RE = re.compile(_MARKER, re.IGNORECASE)
 _CUT_RES = [
-    re.compile(r"^\s*" + _MARKER, re.I),
-    re.compile(r"^\s*-{3,}\s*forwarded by\b", re.I),
-    re.compile(r"^\s*-{3,}\s*inline attachment follows\s*-{2,}", re.I),
-    re.compile(r"^\s*begin forwarded message:\s*$", re.I),
+    re.compile(r"^\s*" + _MARKER, re.IGNORECASE),
+    re.compile(r"^\s*-{3,}\s*forwarded by\b", re.IGNORECASE),
+    re.compile(r"^\s*-{3,}\s*inline attachment follows\s*-{2,}", re.IGNORECASE),
+    re.compile(r"^\s*begin forwarded message:\s*$", re.IGNORECASE),
 ]
-_HEADER_RE = re.compile(r"^\s*>?\s*(from|sent|date|to|cc|bcc|subject|importance|attachments|reply-to)\s*:", re.I)
-_FROM_RE = re.compile(r"^\s*(from|von|de)\s*:\s*\S", re.I)
+_HEADER_RE = re.compile(r"^\s*>?\s*(from|sent|date|to|cc|bcc|subject|importance|attachments|reply-to)\s*:", re.IGNORECASE)
+_FROM_RE = re.compile(r"^\s*(from|von|de)\s*:\s*\S", re.IGNORECASE)
 _RULE_RE = re.compile(r"^\s*(_{8,}|-{8,}|\*{8,}|={8,})\s*$")
 # "On Tue, 3 May 2001, Kay Mann <kay@x.com> wrote:" (sometimes wrapped over two lines).
-_ON_WROTE_RE = re.compile(r"^\s*(on|am|le|el)\s.{4,300}(wrote|schrieb|a écrit|escribió)\s*:\s*$", re.I | re.S)
-_WROTE_RE = re.compile(r"^\s*\S.{0,120}\s(wrote|writes|schrieb)\s*:\s*$", re.I)
+_ON_WROTE_RE = re.compile(r"^\s*(on|am|le|el)\s.{4,300}(wrote|schrieb|a écrit|escribió)\s*:\s*$", re.IGNORECASE | re.DOTALL)
+_WROTE_RE = re.compile(r"^\s*\S.{0,120}\s(wrote|writes|schrieb)\s*:\s*$", re.IGNORECASE)
 # Lotus Notes: "Dave Fuller@ECT" / "04/10/2001 03:09 PM" / "To: ...".
-_NOTES_DATE_RE = re.compile(r"^\s*(\S.{0,80}\s+on\s+)?\d{1,2}/\d{1,2}/\d{2,4}\s+\d{1,2}:\d{2}(:\d{2})?\s*(AM|PM)?\s*$", re.I)
+_NOTES_DATE_RE = re.compile(r"^\s*(\S.{0,80}\s+on\s+)?\d{1,2}/\d{1,2}/\d{2,4}\s+\d{1,2}:\d{2}(:\d{2})?\s*(AM|PM)?\s*$", re.IGNORECASE)
 _QUOTE_RE = re.compile(r"^\s*>")
 _STUB_RE = re.compile(r"^\s*(<<[^<>]{1,200}>>|<Embedded [^<>]{1,80}>|\[cid:[^\]]{1,200}\])\s*$")
 _MOBILE_RE = re.compile(
     r"^\s*(sent (from|via|using|with) (my |the )?.{0,40}(iphone|ipad|blackberry|android|mobile|phone|handheld|galaxy|outlook|mail)"
-    r".{0,60}|get outlook for \w+.{0,20})\s*$", re.I)
-_PHONE_RE = re.compile(r"(\+?\(?\d{1,4}\)?[\s.-]?)?\(?\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b|\b(tel|phone|fax|mobile|cell|direct|office|ph|mob)\b\.?\s*[:#]", re.I)
-_CONTACT_RE = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+|https?://\S+|www\.\S+", re.I)
+    r".{0,60}|get outlook for \w+.{0,20})\s*$", re.IGNORECASE)
+_PHONE_RE = re.compile(r"(\+?\(?\d{1,4}\)?[\s.-]?)?\(?\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b|\b(tel|phone|fax|mobile|cell|direct|office|ph|mob)\b\.?\s*[:#]", re.IGNORECASE)
+_CONTACT_RE = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+|https?://\S+|www\.\S+", re.IGNORECASE)
 _SIGNOFF_RE = re.compile(r"^\s*(thanks|thank you|many thanks|regards|best|cheers|sincerely|cordially|respectfully|"
-                         r"take care|(warm|kind|best|warmest)\s+regards|all the best|yours|love|fair winds)\b[\w ,.!-]{0,20}$", re.I)
+                         r"take care|(warm|kind|best|warmest)\s+regards|all the best|yours|love|fair winds)\b[\w ,.!-]{0,20}$", re.IGNORECASE)
 _DISCLAIMER_WORDS = ("confidential", "intended recipient", "privileged", "property of", "disclaimer",
                      "prohibited", "notify the sender", "legally")
 
@@ -80,7 +80,7 @@ def _is_cut(lines: list[str], i: int) -> bool:
         heads = [_HEADER_RE.match(x).group(1).lower() for x in nxt if _HEADER_RE.match(x)]
         return any(h in ("sent", "date") for h in heads) and any(h in ("to", "subject") for h in heads)
     if _NOTES_DATE_RE.match(line):
-        return any(re.match(r"^\s*to\s*:", x, re.I) for x in nxt[:4])
+        return any(re.match(r"^\s*to\s*:", x, re.IGNORECASE) for x in nxt[:4])
     return False
 
 
@@ -91,7 +91,7 @@ def _attribution_at(lines: list[str], i: int) -> int:
         return 0
     if _ON_WROTE_RE.match(line) or (_WROTE_RE.match(line) and len(line) < 160):
         return 1
-    if i + 1 < len(lines) and re.match(r"^\s*(on|am|le|el)\s", line, re.I):
+    if i + 1 < len(lines) and re.match(r"^\s*(on|am|le|el)\s", line, re.IGNORECASE):
         joined = line + " " + lines[i + 1].strip()
         if _ON_WROTE_RE.match(joined):
             return 2
@@ -155,7 +155,7 @@ def strip_signature(text: str) -> str:
         if not (_RULE_RE.match(lines[i]) or re.match(r"^\s*-{8,}\s*$", lines[i])) or not 0 < len(tail) <= 5:
             continue
         contact = all(len(x.strip()) <= 60 for x in tail) and any(_is_contact_line(x) for x in tail)
-        advert = len(tail) <= 3 and re.search(r"https?://|www\.", " ".join(tail), re.I)  # webmail's "Get your FREE ..."
+        advert = len(tail) <= 3 and re.search(r"https?://|www\.", " ".join(tail), re.IGNORECASE)  # webmail's "Get your FREE ..."
         if contact or advert:
             lines = lines[:i]
             break

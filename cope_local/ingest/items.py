@@ -58,7 +58,7 @@ class HistoryItem:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HistoryItem":
+    def from_dict(cls, data: dict) -> HistoryItem:
         return cls(id=str(data["id"]), input=data.get("input"), output=str(data["output"]),
                    source=str(data.get("source", "")), meta=dict(data.get("meta") or {}))
 

@@ -20,6 +20,7 @@ import email.policy
 import mailbox
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.header import decode_header
@@ -27,18 +28,17 @@ from email.message import Message
 from email.parser import BytesHeaderParser, BytesParser
 from email.utils import getaddresses, parseaddr, parsedate_to_datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 from cope_local.ingest.clean import html_to_text, split_reply
 from cope_local.ingest.items import AUTO_REPLY, EMPTY, NOT_FROM_ME, HistoryItem, IngestConfig, IngestReport
 
 BAD_MESSAGE = "unparsable_message"
 _SENT_WORDS = r"(sent|outbox|gesendet|envoy[ée]s?|enviados?|inviata|verzonden|skickat)"
-_SENT_RE = re.compile(rf"(?<![a-z]){_SENT_WORDS}(?![a-z])", re.I)  # inside a file name: enron.x.sent_items.mbox
-_SENT_DIR_RE = re.compile(rf"[._\[\]\s]*{_SENT_WORDS}([ _-]?(items|mail|messages))?", re.I)  # a whole folder name
-_PREFIX_RE = re.compile(r"^\s*((re|fw|fwd|aw|wg|sv|vs|tr|rif|antw)(\[\d+\])?\s*:\s*)+", re.I)
-_REPLY_PREFIX_RE = re.compile(r"^\s*(re|aw|sv|vs|antw|rif)(\[\d+\])?\s*:", re.I)
-_AUTO_SUBJECT_RE = re.compile(r"^\s*(out of (the )?office|automatic reply|auto(matic)?[- ]?(reply|response)|abwesenheit)", re.I)
+_SENT_RE = re.compile(rf"(?<![a-z]){_SENT_WORDS}(?![a-z])", re.IGNORECASE)  # inside a file name: enron.x.sent_items.mbox
+_SENT_DIR_RE = re.compile(rf"[._\[\]\s]*{_SENT_WORDS}([ _-]?(items|mail|messages))?", re.IGNORECASE)  # a whole folder name
+_PREFIX_RE = re.compile(r"^\s*((re|fw|fwd|aw|wg|sv|vs|tr|rif|antw)(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
+_REPLY_PREFIX_RE = re.compile(r"^\s*(re|aw|sv|vs|antw|rif)(\[\d+\])?\s*:", re.IGNORECASE)
+_AUTO_SUBJECT_RE = re.compile(r"^\s*(out of (the )?office|automatic reply|auto(matic)?[- ]?(reply|response)|abwesenheit)", re.IGNORECASE)
 
 
 def is_sent_folder(name: str) -> bool:

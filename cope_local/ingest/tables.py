@@ -13,8 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cope_local.errors import CopeError
 from cope_local.ingest.items import BAD_ROW, NO_TEXT, HistoryItem, IngestConfig, IngestReport

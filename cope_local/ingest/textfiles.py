@@ -60,9 +60,9 @@ def read_text_item(path: Path, cfg: IngestConfig, report: IngestReport, label: s
     if text is None:
         return []
     meta: dict = {"kind": "text", "file": label}
-    front = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    front = re.match(r"^---\n(.*?)\n---\n", text, re.DOTALL)
     if front:
-        title = re.search(r"^title:\s*(.+)$", front.group(1), re.M)
+        title = re.search(r"^title:\s*(.+)$", front.group(1), re.MULTILINE)
         if title:
             meta["title"] = title.group(1).strip().strip("\"'")
         text = text[front.end():]

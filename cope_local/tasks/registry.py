@@ -16,8 +16,8 @@ are dropped.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
 
 from cope_local.errors import CopeError
 from cope_local.ingest.items import DEFAULT_INPUT_FIELDS, DEFAULT_TARGET_FIELDS, HistoryItem
@@ -36,8 +36,8 @@ PARAPHRASE_PROMPT = (
     "Text: {text}\n"
     "Rewritten:"
 )
-_REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|sorry,|i can(no|')t|as an ai)", re.I)
-_PREFIX_RE = re.compile(r"^\s*(re|fw|fwd|aw|wg|sv)(\[\d+\])?\s*:\s*", re.I)
+_REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|sorry,|i can(no|')t|as an ai)", re.IGNORECASE)
+_PREFIX_RE = re.compile(r"^\s*(re|fw|fwd|aw|wg|sv)(\[\d+\])?\s*:\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _norm(text: str) -> str:
 def clean_generated(text: str) -> str:
     """First paragraph of a model's answer, without a 'Rewritten:' label, quotes or a refusal."""
     text = (text or "").strip()
-    text = re.sub(r"^\s*(rewritten|paraphrase|text)\s*:\s*", "", text, flags=re.I)
+    text = re.sub(r"^\s*(rewritten|paraphrase|text)\s*:\s*", "", text, flags=re.IGNORECASE)
     text = text.split("\n\n")[0].strip().strip('"“”').strip()
     return "" if _REFUSAL_RE.match(text) else text
 

@@ -66,7 +66,7 @@ class TrainConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def updated(self, overrides: dict) -> "TrainConfig":
+    def updated(self, overrides: dict) -> TrainConfig:
         """A copy with `overrides` (flat keys; LoRA specs as `user.lr` or a nested table) applied."""
         data = self.as_dict()
         for key, value in _flatten(overrides).items():
