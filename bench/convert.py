@@ -59,7 +59,7 @@ def main() -> int:
         sec, _ = timed(lambda: binding.base_fingerprint(base), args.reps)
         res["fingerprint_cached_s"] = round(sec, 5)
         for outtype in ("f32", "f16", "q8_0"):
-            sec, r = timed(lambda: export_base(base, tmp / f"base-{outtype}.gguf", outtype=outtype), args.reps)
+            sec, r = timed(lambda outtype=outtype: export_base(base, tmp / f"base-{outtype}.gguf", outtype=outtype), args.reps)
             res[f"base_{outtype}_s"] = round(sec, 2)
             res[f"base_{outtype}_bytes"] = r.bytes
             print(f"base {outtype:5s}: {sec:6.2f} s  {r.bytes / 1e6:7.1f} MB", file=sys.stderr)

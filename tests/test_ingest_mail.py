@@ -213,8 +213,8 @@ def test_lotus_notes_forward():
     ("Call me at 713 853 3488 tomorrow.\nThanks", "Call me at 713 853 3488 tomorrow.\nThanks"),  # prose keeps its number
     ("switch deal is off.\n--------------------------\nSent from my BlackBerry Wireless Handheld (www.BlackBerry.net)",
      "switch deal is off."),
-    ("ok\n\n********************\nThis e-mail is the property of Enron Corp. and may contain confidential and privileged "
-     "material for the sole use of the intended recipient.", "ok"),
+    (("ok\n\n********************\nThis e-mail is the property of Enron Corp. and may contain confidential and privileged "
+      "material for the sole use of the intended recipient."), "ok"),
     ("see attached\n<<Q3 plan.xls>>\n\ncheers,\n--jay", "see attached\n\ncheers,\n--jay"),
 ])
 def test_signatures(text, expected):

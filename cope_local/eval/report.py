@@ -96,8 +96,8 @@ def write_report(cfg, keys: dict, users, everyone=None) -> dict:
         f"- style: authorship attribution accuracy (`cope_local/eval/style.py`: character 1-4-gram TF-IDF "
         f"centroids of all {len(everyone or users)} users' training histories; chance = 1/{len(everyone or users)}); "
         f"the real texts of these queries score " + (ceiling.fmt() if ceiling else "n/a"), "",
-        "| method | ROUGE-1 | ROUGE-1 95 % CI | ROUGE-L | ROUGE-L 95 % CI | attribution | attribution 95 % CI | words "
-        "| length ratio | length ratio 95 % CI |",
+        ("| method | ROUGE-1 | ROUGE-1 95 % CI | ROUGE-L | ROUGE-L 95 % CI | attribution | attribution 95 % CI | words "
+         "| length ratio | length ratio 95 % CI |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:

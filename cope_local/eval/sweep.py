@@ -161,8 +161,8 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     tam = "none (--no-tam)" if cfg.no_tam else "2-fold split (see table.md)"
     lines = ["# cope eval sweep", "", f"- command: `{command}`", f"- data: {cfg.data}; users: {len(selected)}; TAM: {tam}", "",
              f"- swept: {method} against oppu (the SFT adapter decoded alone)", "",
-             "| alpha | tau | protect | rep. penalty | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) "
-             "| CoPe attribution | OPPU attribution | attribution CoPe - OPPU (query CI) | CoPe words | OPPU words |",
+             ("| alpha | tau | protect | rep. penalty | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) "
+              "| CoPe attribution | OPPU attribution | attribution CoPe - OPPU (query CI) | CoPe words | OPPU words |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     points, point_rows = {}, {}
     for alpha, tau, protect, rp in grid:
@@ -196,9 +196,9 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
         lines.append(f"| per user | per user | | | {s[method].rougeL:.3f} | {s['oppu'].rougeL:.3f} | {q.fmt()} | "
                      f"[{u.low:+.3f}, {u.high:+.3f}] | {s[method].attribution.mean:.3f} | "
                      f"{s['oppu'].attribution.mean:.3f} | {aq.fmt()} | {s[method].words:.1f} | {s['oppu'].words:.1f} |")
-        lines += ["", "per user: each user's point is the one with the best mean ROUGE-L on the other half of that "
-                  "user's queries (2-fold, halves by hash of the query id), so no query is scored under a setting "
-                  f"chosen on itself; points chosen: {', '.join(picks)}"]
+        lines += ["", ("per user: each user's point is the one with the best mean ROUGE-L on the other half of that "
+                       "user's queries (2-fold, halves by hash of the query id), so no query is scored under a setting "
+                       f"chosen on itself; points chosen: {', '.join(picks)}")]
         points["per-user"] = {"cope_rougeL": s[method].rougeL, "oppu_rougeL": s["oppu"].rougeL, "diff": q.mean,
                               "query_ci": [q.low, q.high], "user_ci": [u.low, u.high], "n": n,
                               "cope_attribution": s[method].attribution.mean,
