@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from textual.widgets import Button
 from tui_pilot import PERSONA, SIZE, make_app, persona_profile, ready, sync, wait_for
 
 from convert.synthetic import write_random_lora
@@ -104,6 +105,24 @@ async def test_train_runs_the_cli_in_a_child_with_progress_per_stage():
         assert marker["state"] == "done"
 
 
+@sync
+async def test_train_plus_dpo_runs_the_child_with_the_papers_stages():
+    persona_profile("ro", adapter=False)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await app.switch_mode("profiles")
+        await pilot.pause(0.05)
+        screen = app.screen
+        screen.query_one("#prof-list").index = [i.profile for i in screen.query(ProfileItem)].index("ro")
+        await pilot.press("d")  # the +DPO button's key
+        await wait_for(pilot, lambda: screen.training is not None, timeout=30, what="the training child")
+        assert screen.training.cmd[-2:] == ["--set", "dpo=true"]
+        assert screen.query_one("#train", Button).disabled and screen.query_one("#train-dpo", Button).disabled
+        await pilot.press("x")
+        await wait_for(pilot, lambda: screen.training_profile is None, timeout=120, what="the child to stop")
+        assert not screen.query_one("#train-dpo", Button).disabled
+
+
 def test_progress_lines_of_the_pipeline_parse():
     p = parse_line("sft: step 3/40  loss 2.103  0.50 steps/s  ETA 1:05")
     assert (p.stage, p.fraction, p.loss, p.eta) == ("sft", 3 / 40, 2.103, "1:05")
@@ -111,7 +130,7 @@ def test_progress_lines_of_the_pipeline_parse():
     assert (p.stage, p.fraction, p.loss) == ("dpo", 1.0, 0.6931)
     assert parse_line("sft: 4 steps, loss 4.882 -> 3.105").loss == 3.105  # the stage's summary: the last loss
     assert parse_line("negatives: up to date").state == "done"
-    assert parse_line("dpo: off (dpo = false: the SFT adapter is exported)").state == "off"
+    assert parse_line("dpo: off (the SFT adapter is exported; --dpo adds the paper's negatives + DPO)").state == "off"
     assert parse_line("inputs: 12/40 inputs generated (1.2/s)").fraction == 0.3
     assert parse_line("tam: step 1/2  loss 3.0").stage == "sft"
     assert parse_line("sft: stopped at step 5/40; run the same command again to resume").state == "stopped"

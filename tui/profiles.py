@@ -145,6 +145,7 @@ class ProfilesScreen(Screen):
         Binding("n", "new", "New"),
         Binding("u", "use", "Use"),
         Binding("t", "train", "Train"),
+        Binding("d", "train_dpo", "+DPO"),
         Binding("x", "cancel", "Cancel"),
         Binding("a", "activate", "Activate"),
         Binding("e", "from_edits", "From edits"),
@@ -171,6 +172,7 @@ class ProfilesScreen(Screen):
                 with Horizontal(classes="row buttons"):
                     yield Button("Use", id="use", variant="primary", compact=True)
                     yield Button("Train", id="train", compact=True)
+                    yield Button("+DPO", id="train-dpo", compact=True)
                     yield Button("Cancel", id="cancel", compact=True, disabled=True)
                     yield Button("From edits", id="from-edits", compact=True, disabled=True)
                     yield Button("New…", id="new", compact=True)
@@ -226,7 +228,7 @@ class ProfilesScreen(Screen):
         info = self.query_one("#prof-info", Static)
         adapters = self.query_one("#adapters", Select)
         active_mark = " (in use)" if name == self.app.profile_name else ""
-        for b in ("#train", "#activate"):
+        for b in ("#train", "#train-dpo", "#activate"):
             self.query_one(b, Button).disabled = name is None or self.training is not None
         if name is None:
             info.update(f"No profile{active_mark}: drafts come from the base model alone; drafts, chats and edits "
@@ -337,6 +339,7 @@ class ProfilesScreen(Screen):
         self.training_profile = name
         self.query_one("#cancel", Button).disabled = False
         self.query_one("#train", Button).disabled = True
+        self.query_one("#train-dpo", Button).disabled = True
         self.query_one("#from-edits", Button).disabled = True
         extra = (["--stages", ",".join(stages)] if stages else []) + [a for kv in settings or [] for a in ("--set", kv)]
         if from_edits:
@@ -350,6 +353,14 @@ class ProfilesScreen(Screen):
     @on(Button.Pressed, "#train")
     def _train(self) -> None:
         self.action_train()
+
+    def action_train_dpo(self) -> None:
+        """Train with the paper's synthetic negatives + DPO too (`--dpo`); drafts then default to cope mode."""
+        self.action_train(settings=["dpo=true"])
+
+    @on(Button.Pressed, "#train-dpo")
+    def _train_dpo(self) -> None:
+        self.action_train_dpo()
 
     @work(thread=True, exclusive=True, group="train")
     def _train_worker(self, name: str, extra: list[str]) -> None:

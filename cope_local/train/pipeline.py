@@ -195,7 +195,7 @@ class Pipeline:
         for stage in [s for s in allowed if s in wanted]:
             if stage in ("negatives", "dpo") and not self.uses_dpo:
                 results.append(StageResult(stage, "off", info={"why": "dpo = false"}))
-                self.log(f"{stage}: off (dpo = false: the SFT adapter is exported)")
+                self.log(f"{stage}: off (the SFT adapter is exported; --dpo adds the paper's negatives + DPO)")
                 continue
             results.append(self.run_stage(stage))
         return results
