@@ -178,7 +178,8 @@ class LoraAdapter:
 
 
 class Context:
-    """One KV cache and its adapters over a shared Model. Sequence 0 only."""
+    """One KV cache and its adapters over a shared Model: eval/decode append to sequence 0;
+    fork and step_seqs serve n_seq parallel sequences (sampled negatives)."""
 
     def __init__(self, model: Model, n_ctx: int, threads: int | None = None, n_batch: int = 512, n_seq: int = 1):
         self._batch = None  # one llama_batch, reused by every decode()
@@ -233,16 +234,12 @@ class Context:
 
     def step_seqs(self, tokens: list[int], seqs: list[int], positions: list[int]) -> np.ndarray:
         """One token for each of several sequences, in one decode. -> (len(tokens), n_vocab) float32"""
-        if self._batch is None:
-            self._batch = C.llama_batch_init(self.n_batch, 0, 1)
-        batch = self._batch
+        batch = self._llama_batch()
         batch.n_tokens = len(tokens)
         for i, (tok, seq, pos) in enumerate(zip(tokens, seqs, positions)):
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, 1
             batch.seq_id[i][0] = seq
-        rc = C.llama_decode(self.ptr, batch)
-        if rc != 0:
-            raise CopeError(f"{self.model.path}: llama_decode failed with code {rc} ({_last_log('the context is full?')})")
+        self._run(batch, "the context is full?")
         return np.stack([np.ctypeslib.as_array(C.llama_get_logits_ith(self.ptr, i), shape=(self.n_vocab,)) for i in range(len(tokens))])
 
     def eval(self, tokens: list[int]) -> np.ndarray:
@@ -260,9 +257,7 @@ class Context:
             raise ValueError("decode() needs at least one token")
         if self.n_past + len(tokens) > self.n_ctx:
             raise CopeError(f"context overflow: {self.n_past + len(tokens)} tokens do not fit in n_ctx={self.n_ctx}; shorten the prompt or raise --ctx")
-        if self._batch is None:
-            self._batch = C.llama_batch_init(self.n_batch, 0, 1)
-        batch, want = self._batch, list(outputs)
+        batch, want = self._llama_batch(), list(outputs)
         out = np.empty((len(want), self.n_vocab), dtype=np.float32)
         k = 0  # next output to fill
         for start in range(0, len(tokens), self.n_batch):
@@ -278,14 +273,24 @@ class Context:
             while k < len(want) and want[k] < start + len(chunk):
                 batch.logits[want[k] - start] = 1
                 k += 1
-            rc = C.llama_decode(self.ptr, batch)
-            if rc != 0:
-                raise CopeError(f"{self.model.path}: llama_decode failed with code {rc} ({_last_log('no reason given')})")
+            self._run(batch, "no reason given")
             self.n_past += len(chunk)
             for j in range(first, k):
                 ptr = C.llama_get_logits_ith(self.ptr, want[j] - start)
                 out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out
+
+    def _llama_batch(self):
+        """The context's one llama_batch (n_batch tokens, one sequence id each), made on first use."""
+        if self._batch is None:
+            self._batch = C.llama_batch_init(self.n_batch, 0, 1)
+        return self._batch
+
+    def _run(self, batch, why: str) -> None:
+        """llama_decode(batch); a failure is a CopeError quoting llama.cpp's last log line (else `why`)."""
+        rc = C.llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise CopeError(f"{self.model.path}: llama_decode failed with code {rc} ({_last_log(why)})")
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
