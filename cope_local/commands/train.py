@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and --set, in that order.")
     p.add_argument("name", help="profile name")
     p.add_argument("--dpo", action="store_true",
-                   help="also synthetic negatives + DPO, the paper's CoPe training (~4x the time; drafts then "
+                   help="also synthetic negatives + DPO, the paper's CoPe training (~7x the time; drafts then "
                         "default to cope mode; same as --set dpo=true)")
     p.add_argument("--stages", help="comma-separated stages to run (default: all): "
                                     "inputs,pairs,sft,negatives,dpo,export,activate")

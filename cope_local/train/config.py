@@ -56,7 +56,7 @@ class TrainConfig:
     # pipeline (cope_local/train/pipeline.py)
     dpo: bool = False  # True (--dpo): negatives + DPO after SFT, the paper's CoPe training; False: the SFT (OPPU)
     #                    adapter is exported. Off by default: on the LaMP-7 dev users neither the DPO adapter nor
-    #                    CoPe decoding beat plain OPPU, and they cost ~4x the SFT's time (README "Results")
+    #                    CoPe decoding beat plain OPPU, and they cost 6-9x the SFT's time (README "Results")
     tam_adapter: str = ""  # TAM the user adapter builds on: a name from `cope tam train` or its folder; "" = none (amateur = base)
     # safety
     watchdog_factor: float = 4.0  # stop when the smoothed loss exceeds this x its early value (divergence)
