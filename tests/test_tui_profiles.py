@@ -21,6 +21,16 @@ def report(app) -> str:
     return str(app.screen.query_one("#create-report").render())
 
 
+async def profiles_screen(app, pilot, select: str | None = None):
+    """Switch to the Profiles screen, highlighting profile `select` if given -> the screen."""
+    await app.switch_mode("profiles")
+    await pilot.pause(0.05)
+    screen = app.screen
+    if select is not None:
+        screen.query_one("#prof-list").index = [i.profile for i in screen.query(ProfileItem)].index(select)
+    return screen
+
+
 @sync
 async def test_create_a_profile_from_paths_showing_what_was_kept(tmp_path):
     few = tmp_path / "few"
@@ -69,9 +79,7 @@ async def test_switch_the_active_adapter_and_the_decoder_follows():
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         assert "ro-demo.gguf" in app.model_status
-        await app.switch_mode("profiles")
-        await pilot.pause(0.05)
-        screen = app.screen
+        screen = await profiles_screen(app, pilot)
         assert screen.selected() == "ro"
         screen.query_one("#adapters").value = "ro-second.gguf"
         await pilot.press("a")
@@ -90,10 +98,7 @@ async def test_train_runs_the_cli_in_a_child_with_progress_per_stage():
     persona_profile("ro", adapter=False)
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await app.switch_mode("profiles")
-        await pilot.pause(0.05)
-        screen = app.screen
-        screen.query_one("#prof-list").index = [i.profile for i in screen.query(ProfileItem)].index("ro")
+        screen = await profiles_screen(app, pilot, select="ro")
         screen.action_train(stages=["inputs"])  # the Train button runs all stages; one is enough here
         await wait_for(pilot, lambda: screen.training is None and screen.training_profile is None, timeout=90,
                        what="the training child")
@@ -110,10 +115,7 @@ async def test_train_plus_dpo_runs_the_child_with_the_papers_stages():
     persona_profile("ro", adapter=False)
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await app.switch_mode("profiles")
-        await pilot.pause(0.05)
-        screen = app.screen
-        screen.query_one("#prof-list").index = [i.profile for i in screen.query(ProfileItem)].index("ro")
+        screen = await profiles_screen(app, pilot, select="ro")
         await pilot.press("d")  # the +DPO button's key
         await wait_for(pilot, lambda: screen.training is not None, timeout=30, what="the training child")
         assert screen.training.cmd[-2:] == ["--set", "dpo=true"]
@@ -150,10 +152,7 @@ async def test_cancel_interrupts_training_and_train_again_resumes(monkeypatch, p
     persona_profile("ro", adapter=False)
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await app.switch_mode("profiles")
-        await pilot.pause(0.05)
-        screen = app.screen
-        screen.query_one("#prof-list").index = [i.profile for i in screen.query(ProfileItem)].index("ro")
+        screen = await profiles_screen(app, pilot, select="ro")
         screen.action_train(stages=["inputs", "pairs", "sft"])
         # SFT on 40 texts takes tens of optimizer steps: cancel once it reports its first one
         await wait_for(pilot, lambda: "sft" in screen.seen_stages, timeout=120, what="the sft stage")
@@ -182,9 +181,7 @@ async def test_from_edits_learns_from_three_edited_drafts_and_the_next_draft_use
     app = make_app(profile="ro")
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        await app.switch_mode("profiles")
-        await pilot.pause(0.05)
-        screen = app.screen
+        screen = await profiles_screen(app, pilot)
         button = screen.query_one("#from-edits")
         assert not button.disabled and "(3)" in str(button.label)
         await pilot.press("e")

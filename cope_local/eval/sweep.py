@@ -87,12 +87,13 @@ def query_half(query_id: str) -> int:
 
 
 def per_user_choice(point_rows: dict[str, list[dict]], method: str, metric: str = "rougeL") -> list[dict]:
-    """`method`'s rows with each user's grid point chosen on the user's other half of queries (cross-fitting).
+    """Rows with each user's grid point chosen by `method`'s metric on the user's other half of queries.
 
-    point_rows: grid point name -> its rows (every user and query). For each user and half h, the point
-    with the best mean metric on half 1-h gives the rows of half h (ties: the first point of the grid;
-    an empty other half: the first point), so a setting is never chosen on the query it is scored on.
-    Each returned row is a copy with `chosen_point` added.
+    point_rows: grid point name -> its rows (every user, query and method). For each user and half h,
+    the point with the best mean metric of `method` on half 1-h gives all its rows of half h, the
+    swept method's and OPPU's alike (OPPU too depends on a point's repetition penalty); ties go to
+    the first point of the grid, and an empty other half to the first point. So a setting is never
+    chosen on the query it is scored on. Each returned row is a copy with `chosen_point` added.
     """
     names = list(point_rows)
     by_point = {name: {(r["user_id"], r["query_id"]): r for r in rows if r["method"] == method}
@@ -107,8 +108,31 @@ def per_user_choice(point_rows: dict[str, list[dict]], method: str, metric: str 
             if other:
                 means = [sum(by_point[n][k][metric] for k in other) / len(other) for n in names]
                 best = names[means.index(max(means))]  # index of the first maximum: ties go to the earlier point
-            out += [{**by_point[best][k], "chosen_point": best} for k in mine if query_half(k[1]) == half]
+            scored = {k for k in mine if query_half(k[1]) == half}
+            out += [{**r, "chosen_point": best} for r in point_rows[best] if (r["user_id"], r["query_id"]) in scored]
     return out
+
+
+def compare_to_oppu(rows: list[dict], method: str) -> tuple[str, dict] | None:
+    """`method` against oppu on the same queries -> (its sweep.md cells after the settings columns,
+    its figures for --json); None when the rows hold no pair of them."""
+    from cope_local.eval.metrics import paired, summarize
+
+    s = summarize(rows, ["oppu", method])
+    diff = paired(rows, method, "oppu", "rougeL")
+    if diff is None or method not in s:
+        return None
+    swept, oppu = s[method], s["oppu"]
+    q, u, n = diff
+    aq, _au, _ = paired(rows, method, "oppu", "attr")
+    cells = (f"{swept.rougeL:.3f} | {oppu.rougeL:.3f} | {q.fmt()} | [{u.low:+.3f}, {u.high:+.3f}] | "
+             f"{swept.attribution.mean:.3f} | {oppu.attribution.mean:.3f} | {aq.fmt()} | {swept.words:.1f} | "
+             f"{oppu.words:.1f} |")
+    figures = {"cope_rougeL": swept.rougeL, "oppu_rougeL": oppu.rougeL, "diff": q.mean, "query_ci": [q.low, q.high],
+               "user_ci": [u.low, u.high], "n": n, "cope_attribution": swept.attribution.mean,
+               "oppu_attribution": oppu.attribution.mean, "attribution_diff_ci": [aq.low, aq.high],
+               "cope_words": swept.words, "oppu_words": oppu.words}
+    return cells, figures
 
 
 def point_name(alpha: float, tau: float, protect: str = "none", rp: float = 1.0) -> str:
@@ -138,7 +162,6 @@ def parse_grid(text: str, what: str) -> list[float]:
 def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, outputs: str | None = None,
               jobs: int = 1, command: str = "", protects: list[str] = ("none",), users: int | None = None,
               method: str = "cope", penalties: list[float] = (1.0,)) -> dict:
-    from cope_local.eval.metrics import paired, summarize
     from cope_local.eval.results import RESULTS, latest, read_rows, repair_tail
     from cope_local.eval.runner import run_jobs, select_users, train_config
     from cope_local.paths import atomic_write_text
@@ -170,40 +193,22 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
         keys = {(k[0], k[1], k[2]): k[3] for r in res for k in r["keys"][name]}
         rows = latest(rows_all, keys)
         mark_attribution(rows, attributor)
-        s = summarize(rows, ["oppu", method])
-        diff = paired(rows, method, "oppu", "rougeL")
-        if diff is None or method not in s:
+        compared = compare_to_oppu(rows, method)
+        if compared is None:
             continue
         point_rows[name] = rows
-        swept, oppu = s[method], s["oppu"]
-        q, u, n = diff
-        aq, _au, _ = paired(rows, method, "oppu", "attr")
-        lines.append(f"| {alpha:g} | {tau:g} | {protect} | {rp:g} | {swept.rougeL:.3f} | {oppu.rougeL:.3f} | {q.fmt()} | "
-                     f"[{u.low:+.3f}, {u.high:+.3f}] | {swept.attribution.mean:.3f} | "
-                     f"{oppu.attribution.mean:.3f} | {aq.fmt()} | {swept.words:.1f} | {oppu.words:.1f} |")
-        points[name] = {"alpha": alpha, "tau": tau, "protect": protect, "repetition_penalty": rp,
-                        "cope_rougeL": swept.rougeL,
-                        "oppu_rougeL": oppu.rougeL, "diff": q.mean, "query_ci": [q.low, q.high],
-                        "user_ci": [u.low, u.high], "n": n, "cope_attribution": swept.attribution.mean,
-                        "oppu_attribution": oppu.attribution.mean, "attribution_diff_ci": [aq.low, aq.high],
-                        "cope_words": swept.words, "oppu_words": oppu.words}
+        cells, points[name] = compared
+        lines.append(f"| {alpha:g} | {tau:g} | {protect} | {rp:g} | {cells}")
+        points[name] |= {"alpha": alpha, "tau": tau, "protect": protect, "repetition_penalty": rp}
     if len(point_rows) > 1:  # a per-user choice of the grid point, cross-fitted on each user's own queries
         chosen = per_user_choice(point_rows, method)
-        rows = chosen + [r for r in next(iter(point_rows.values())) if r["method"] == "oppu"]
-        s = summarize(rows, ["oppu", method])
-        (q, u, n), (aq, _au, _) = paired(rows, method, "oppu", "rougeL"), paired(rows, method, "oppu", "attr")
+        cells, points["per-user"] = compare_to_oppu(chosen, method)
         picks = sorted({r["chosen_point"] for r in chosen})
-        lines.append(f"| per user | per user | | | {s[method].rougeL:.3f} | {s['oppu'].rougeL:.3f} | {q.fmt()} | "
-                     f"[{u.low:+.3f}, {u.high:+.3f}] | {s[method].attribution.mean:.3f} | "
-                     f"{s['oppu'].attribution.mean:.3f} | {aq.fmt()} | {s[method].words:.1f} | {s['oppu'].words:.1f} |")
+        points["per-user"]["points_chosen"] = picks
+        lines.append(f"| per user | per user | | | {cells}")
         lines += ["", ("per user: each user's point is the one with the best mean ROUGE-L on the other half of that "
                        "user's queries (2-fold, halves by hash of the query id), so no query is scored under a setting "
                        f"chosen on itself; points chosen: {', '.join(picks)}")]
-        points["per-user"] = {"cope_rougeL": s[method].rougeL, "oppu_rougeL": s["oppu"].rougeL, "diff": q.mean,
-                              "query_ci": [q.low, q.high], "user_ci": [u.low, u.high], "n": n,
-                              "cope_attribution": s[method].attribution.mean,
-                              "oppu_attribution": s["oppu"].attribution.mean, "attribution_diff_ci": [aq.low, aq.high],
-                              "cope_words": s[method].words, "oppu_words": s["oppu"].words, "points_chosen": picks}
     atomic_write_text(out_dir(cfg) / "sweep.md", "\n".join(lines) + "\n", mode=0o644)
     return {"out": str(out_dir(cfg)), "users": len(selected), "generated": sum(r["generated"] for r in res),
             "cached": sum(r["cached"] for r in res), "points": points, "seconds": round(time.monotonic() - t0, 1)}
