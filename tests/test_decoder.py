@@ -108,6 +108,20 @@ def test_repetition_penalty_repeats_less_and_is_off_at_one(decoder):
         assert repeats(strict) < repeats(plain), (mode, plain.text, strict.text)
 
 
+def test_no_repeat_ngram_leaves_no_repeated_ngram_and_is_off_at_zero(decoder):
+    prompt = "Repeat the word sail forty times."
+    bigrams = lambda g: list(zip(g.tokens, g.tokens[1:]))
+    for mode in ("user", "cope"):
+        plain = decoder.generate(prompt, GenConfig(mode=mode, max_tokens=40, ignore_eos=True))
+        assert len(set(bigrams(plain))) < len(bigrams(plain)), plain.text  # greedy loops here
+        off = decoder.generate(prompt, GenConfig(mode=mode, max_tokens=40, ignore_eos=True, no_repeat_ngram=0))
+        assert off.tokens == plain.tokens
+        strict = decoder.generate(prompt, GenConfig(mode=mode, max_tokens=40, ignore_eos=True, no_repeat_ngram=2))
+        assert len(strict.tokens) == 40 and len(set(bigrams(strict))) == 39, (mode, strict.text)
+        first = next(i for i, (a, b) in enumerate(zip(plain.tokens, strict.tokens)) if a != b)
+        assert plain.tokens[:first] == strict.tokens[:first] and first >= 2  # the same text until the first repeat
+
+
 def test_zero_weight_adapter_gives_the_base_greedy_tokens(default_model, decode_zero_adapter):
     with Decoder(default_model, decode_zero_adapter) as dec:
         for prompt in PROMPTS:

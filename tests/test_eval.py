@@ -258,6 +258,15 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
                  "--method", "oppu+cd", "--repetition-penalty", "1.3", "--json"]) == 0
     sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sweep["generated"] == 8 and set(sweep["points"]) == {"0.5,0.1,rp1.3"}
+    # so does no_repeat_ngram (n = 1: no token twice)
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.5", "--tau", "0.1",
+                 "--method", "oppu+cd", "--no-repeat-ngram", "1", "--json"]) == 0
+    sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sweep["generated"] == 8 and set(sweep["points"]) == {"0.5,0.1,nr1"}
+    assert "| 0.5 | 0.1 | none | 1 | 1 |" in (out / "sweep.md").read_text()
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert sum(r["settings"].get("no_repeat_ngram") == 1 for r in rows) == 8
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--no-repeat-ngram", "x"]) == 2
 
 
 def test_sweep_without_a_run_says_what_to_do(tmp_path, capsys):

@@ -110,3 +110,14 @@ def test_repetition_penalty_lowers_only_the_seen_tokens():
     out = rule.penalize(logits, {0, 1}, 2.0)
     assert out.tolist() == [1.0, -2.0, 3.0, 0.5] and logits.tolist() == [2.0, -1.0, 3.0, 0.5]
     assert rule.penalize(logits, {0, 1}, 1.0) is logits and rule.penalize(logits, set(), 2.0) is logits
+
+
+def test_ban_repeats_bans_exactly_the_tokens_that_would_repeat_an_ngram():
+    logits = np.zeros(10, dtype=np.float32)
+    out = [1, 2, 3, 5, 2, 4, 1, 2]  # "1 2" was followed by 3; "2" by 3 and by 4
+    def banned(n):
+        return np.flatnonzero(np.isneginf(rule.ban_repeats(logits, out, n))).tolist()
+
+    assert banned(3) == [3] and banned(2) == [3, 4] and banned(1) == [1, 2, 3, 4, 5] and banned(4) == []
+    assert rule.ban_repeats(logits, out, 0) is logits and rule.ban_repeats(logits, [1, 2], 3) is logits
+    assert not np.isneginf(logits).any()  # a copy, never in place

@@ -147,6 +147,58 @@ def test_config_change_starts_over_instead_of_resuming(default_model, tmp_path):
     assert summary["steps"] == 1 and summary["examples"] == 8
 
 
+def test_held_out_early_stopping_keeps_the_best_check(default_model, tmp_path):
+    """The newest pairs leave training; the adapter saved is the one whose held-out loss was lowest."""
+    import torch
+    from peft import PeftModel
+
+    from cope_local.train.config import LoraSpec, TrainConfig
+    from cope_local.train.data import read_pairs
+    from cope_local.train.device import choose_device
+    from cope_local.train.hf import load_base, offline
+    from cope_local.train.sft import held_out_loss, split_val, train_lora
+
+    pairs = make_pairs_file(default_model, tmp_path)
+    cfg = TrainConfig(seed=2, sft_val_fraction=0.25)
+    # lr 1e-2 overfits 6 pairs within a few steps: the held-out loss falls, then rises
+    res = train_lora(pairs, tmp_path / "a", base_gguf=default_model, spec=LoraSpec(8, 8, ("q_proj", "v_proj"), 1e-2, 4),
+                     batch_size=2, cfg=cfg, work_dir=tmp_path / "w", progress=False)
+    assert (res.examples, res.val_examples, res.steps) == (6, 2, 12)
+    steps = [s for s, _ in res.val_losses]
+    assert steps == [0, 2, 4, 6, 8, 10, 12]  # before training, twice per epoch (3 steps), and the end
+    losses = [v for _, v in res.val_losses]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert losses[best] < losses[0] - 0.05 and losses[-1] > losses[best] + 0.05, res.val_losses
+    assert res.kept_step == steps[best] and 0 < res.kept_step < 12
+
+    # the saved adapter, loaded as any peft adapter, has the kept check's held-out loss
+    model, _ = load_base(default_model, torch.float32)
+    with offline():
+        model = PeftModel.from_pretrained(model, str(tmp_path / "a"))
+    _, val = split_val(read_pairs(pairs), 0.25, "pairs")
+    base = model.get_base_model()
+    again = held_out_loss(base.get_decoder(), base.get_output_embeddings(), val, choose_device("cpu"), 512)
+    assert again == pytest.approx(losses[best], abs=1e-4)
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert summary["kept_step"] == res.kept_step and len(summary["val_losses"]) == 7
+
+    with pytest.raises(CopeError, match="pairs.jsonl: 1 pairs leave none to train on.*sft_val_fraction=0"):
+        split_val(read_pairs(pairs)[:1], 0.25, str(pairs))
+
+
+def test_early_stopping_settings_change_keys_only_when_on():
+    from cope_local.train.config import LoraSpec, TrainConfig
+    from cope_local.train.sft import run_key
+
+    spec = LoraSpec(8, 8, ("q_proj", "v_proj"), 1e-4, 2)
+    def key(label="sft", **kw):
+        return run_key("p", spec, 4, TrainConfig(**kw), "b", None, label)
+
+    assert key() == key(sft_val_every=5)  # off: the keys of runs before the setting existed stay valid
+    assert key(sft_val_fraction=0.1) not in (key(), key(sft_val_fraction=0.2))
+    assert key("tam", sft_val_fraction=0.1) == key("tam")  # the TAM never holds out
+
+
 def test_watchdog_stops_a_diverging_loss():
     from cope_local.train.config import LoraSpec
     from cope_local.train.sft import _watchdog

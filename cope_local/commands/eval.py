@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--users", type=int, default=None, metavar="N", help="only the first N users (default: the run's)")
     s.add_argument("--repetition-penalty", default="1", metavar="P,...",
                    help="comma-separated repetition penalties, applied to oppu and the swept row alike (default 1: off)")
+    s.add_argument("--no-repeat-ngram", default="0", metavar="N,...",
+                   help="comma-separated n: no n-gram twice in an output, for oppu and the swept row alike (default 0: off)")
     s.add_argument("--method", default="cope", choices=("cope", "oppu+cd"),
                    help="the contrastive row to sweep: cope (DPO adapter, default) or oppu+cd (SFT adapter)")
     s.set_defaults(func=cmd_eval_sweep)
@@ -116,12 +118,13 @@ def cmd_eval_run(args) -> int:
 
 
 def cmd_eval_sweep(args) -> int:
-    from cope_local.eval.sweep import parse_grid, parse_protect, run_sweep
+    from cope_local.eval.sweep import parse_grid, parse_ngrams, parse_protect, run_sweep
 
     summary = run_sweep(args.data, args.out, parse_grid(args.alpha, "alpha"), parse_grid(args.tau, "tau"),
                         outputs=args.outputs, jobs=_jobs(args.jobs), command=_command(args, "sweep"),
                         protects=parse_protect(args.protect), users=args.users, method=args.method,
-                        penalties=parse_grid(args.repetition_penalty, "repetition-penalty"))
+                        penalties=parse_grid(args.repetition_penalty, "repetition-penalty"),
+                        ngrams=parse_ngrams(args.no_repeat_ngram))
     if args.json:
         print(json.dumps(summary, ensure_ascii=False, default=str))
     else:

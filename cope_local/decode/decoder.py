@@ -60,6 +60,7 @@ class GenConfig:
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
     protect: str = "none"  # "none" (the paper) | "eos": end-of-turn tokens | "eos+punct": also whitespace/punctuation
     repetition_penalty: float = 1.0  # > 1: the tokens generated so far lose logit (the user's, in cope mode); 1 = off
+    no_repeat_ngram: int = 0  # n > 0: no n-gram of the output twice (the user's logits in cope mode); 0 = off
     lazy_amateur: bool = True  # fast path; False is the naive lockstep reference
     ignore_eos: bool = False  # benchmarks only: always run to max_tokens
 
@@ -240,13 +241,15 @@ class Decoder:
         ctx.reset()
         logits = ctx.eval(ids)
         seen: set[int] = set()  # generated tokens (the prompt's are not penalized: copying from it is often right)
+        out: list[int] = []  # the same, in order (no_repeat_ngram)
         while True:
-            logits = rule.penalize(logits, seen, cfg.repetition_penalty)
+            logits = rule.ban_repeats(rule.penalize(logits, seen, cfg.repetition_penalty), out, cfg.no_repeat_ngram)
             if cfg.temperature > 0:
                 tok = rule.sample_top_p(logits, cfg.temperature, cfg.top_p, rng)
             else:
                 tok = int(np.argmax(logits))
             seen.add(tok)
+            out.append(tok)
             yield tok
             logits = ctx.eval([tok])
 
@@ -271,8 +274,10 @@ class Decoder:
         if not lazy:
             amateur_logits, pending = amateur.eval(pending), []
         seen: set[int] = set()
+        out: list[int] = []
         while True:
             user_logits = rule.penalize(user_logits, seen, cfg.repetition_penalty)
+            user_logits = rule.ban_repeats(user_logits, out, cfg.no_repeat_ngram)  # outside the head set from here on
             head = rule.head_set(user_logits, cfg.tau)
             gen.head_sizes.append(len(head))
             guess = guess_logits = None
@@ -290,6 +295,7 @@ class Decoder:
                 else:
                     tok = rule.greedy(head, scores)
             seen.add(tok)
+            out.append(tok)
             yield tok
             user_logits = expert.eval([tok])
             if not lazy:

@@ -56,6 +56,24 @@ def penalize(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
     return out
 
 
+def ban_repeats(logits: np.ndarray, generated: list[int], n: int) -> np.ndarray:
+    """No repeated n-grams (HF's no_repeat_ngram_size, over the output only): a token that would
+    complete an n-gram already in `generated` gets -inf; a copy when any is banned. -> (V,)
+
+    Greedy decoding of a strongly trained adapter loops (one @mention repeated to the token cap,
+    README "Results"); a repetition penalty stops that but shortens every output.
+    """
+    if n <= 0 or len(generated) < n:
+        return logits
+    prefix = generated[len(generated) - n + 1:]  # the n-1 tokens an n-gram would continue
+    banned = {generated[i + n - 1] for i in range(len(generated) - n + 1) if generated[i:i + n - 1] == prefix}
+    if not banned:
+        return logits
+    out = logits.copy()
+    out[np.fromiter(banned, dtype=np.int64)] = -np.inf
+    return out
+
+
 def _logsumexp(x: np.ndarray) -> float:
     m = float(x.max())
     return m + math.log(float(np.exp(x.astype(np.float64) - m).sum()))

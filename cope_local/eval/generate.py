@@ -49,6 +49,7 @@ class Decoding:
     max_tokens: int  # new tokens at most
     protect: str = "none"  # tokens the contrast leaves alone (GenConfig.protect): none | eos | eos+punct
     repetition_penalty: float = 1.0  # GenConfig.repetition_penalty, for every method (1 = off)
+    no_repeat_ngram: int = 0  # GenConfig.no_repeat_ngram, for every method (0 = off)
 
 
 def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
@@ -60,6 +61,8 @@ def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
          "adapter": ad.keys.get(adapter) if adapter else None}
     if dec.repetition_penalty != 1.0:  # absent when off, so earlier rows stay valid
         s["repetition_penalty"] = dec.repetition_penalty
+    if dec.no_repeat_ngram:  # likewise
+        s["no_repeat_ngram"] = dec.no_repeat_ngram
     if mode == "cope":
         s |= {"alpha": dec.alpha, "tau": dec.tau}
         if dec.protect != "none":  # absent for the paper's rule, so rows made before the option stay valid
@@ -99,7 +102,8 @@ def generate_user(user: EvalUser, queries: list[Query], methods, ad: Adapters, d
                         decoder = Decoder(ad.base, ad.files[adapter] if adapter else None,
                                           tam=ad.tam if uses_tam else None, n_ctx=N_CTX)
                     cfg = GenConfig(mode=mode, alpha=dec.alpha, tau=dec.tau, max_tokens=dec.max_tokens, temperature=0.0,
-                                    protect=dec.protect, repetition_penalty=dec.repetition_penalty)
+                                    protect=dec.protect, repetition_penalty=dec.repetition_penalty,
+                                    no_repeat_ngram=dec.no_repeat_ngram)
                     gen = decoder.generate(q.prompt, cfg)
                     text, stop = gen.text.strip(), gen.stop_reason
                 outputs[(q.id, method)] = text

@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cope_local.errors import CopeError
 from cope_local.eval.runner import EvalConfig, out_dir
@@ -22,12 +23,25 @@ from cope_local.eval.runner import EvalConfig, out_dir
 HINT = "run `cope eval run` first"
 
 
+class GridPoint(NamedTuple):
+    alpha: float  # contrast weight
+    tau: float  # head-set threshold
+    protect: str = "none"  # tokens the contrast leaves alone
+    rp: float = 1.0  # repetition penalty (oppu and the swept row)
+    ngram: int = 0  # no_repeat_ngram (oppu and the swept row)
+
+    @property
+    def name(self) -> str:
+        return (f"{self.alpha},{self.tau}" + (f",{self.protect}" if self.protect != "none" else "")
+                + (f",rp{self.rp:g}" if self.rp != 1.0 else "") + (f",nr{self.ngram}" if self.ngram else ""))
+
+
 @dataclass
 class SweepJob:
     cfg: EvalConfig
     train: object  # TrainConfig
     user: object  # EvalUser
-    grid: list  # [(alpha, tau, protect, repetition penalty)]
+    grid: list  # [GridPoint]
     method: str = "cope"  # the contrastive row swept: "cope" (DPO adapter) or "oppu+cd" (SFT adapter)
 
 
@@ -72,12 +86,12 @@ def sweep_job(job: SweepJob) -> dict:
     done = {row_key(r) for r in read_rows(results) if r["user_id"] == user.user_id}
     base_dec = decoding_for(cfg, ws.task)
     out = {"user_id": user.user_id, "generated": 0, "cached": 0, "keys": {}}
-    for alpha, tau, protect, rp in job.grid:
+    for p in job.grid:
         stats = generate_user(user, queries, ("oppu", job.method), ad,
-                              Decoding(alpha, tau, base_dec.max_tokens, protect, rp), results, done)
+                              Decoding(p.alpha, p.tau, base_dec.max_tokens, p.protect, p.rp, p.ngram), results, done)
         out["generated"] += stats["generated"]
         out["cached"] += stats["cached"]
-        out["keys"][point_name(alpha, tau, protect, rp)] = [[*k, v] for k, v in stats["keys"].items()]
+        out["keys"][p.name] = [[*k, v] for k, v in stats["keys"].items()]
     return out
 
 
@@ -135,10 +149,6 @@ def compare_to_oppu(rows: list[dict], method: str) -> tuple[str, dict] | None:
     return cells, figures
 
 
-def point_name(alpha: float, tau: float, protect: str = "none", rp: float = 1.0) -> str:
-    return f"{alpha},{tau}" + (f",{protect}" if protect != "none" else "") + (f",rp{rp:g}" if rp != 1.0 else "")
-
-
 def parse_protect(text: str) -> list[str]:
     from cope_local.decode.decoder import PROTECT
 
@@ -146,6 +156,16 @@ def parse_protect(text: str) -> list[str]:
     bad = [v for v in vals if v not in PROTECT]
     if not vals or bad:
         raise CopeError(f"--protect {text!r}: give comma-separated values from {', '.join(PROTECT)}")
+    return vals
+
+
+def parse_ngrams(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise CopeError(f"--no-repeat-ngram {text!r}: expected comma-separated whole numbers, e.g. 0,3") from None
+    if not vals or any(not (0 <= v <= 16) for v in vals):
+        raise CopeError(f"--no-repeat-ngram {text!r}: give at least one n between 0 (off) and 16")
     return vals
 
 
@@ -161,7 +181,7 @@ def parse_grid(text: str, what: str) -> list[float]:
 
 def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, outputs: str | None = None,
               jobs: int = 1, command: str = "", protects: list[str] = ("none",), users: int | None = None,
-              method: str = "cope", penalties: list[float] = (1.0,)) -> dict:
+              method: str = "cope", penalties: list[float] = (1.0,), ngrams: list[int] = (0,)) -> dict:
     from cope_local.eval.results import RESULTS, latest, read_rows, repair_tail
     from cope_local.eval.runner import run_jobs, select_users, train_config
     from cope_local.paths import atomic_write_text
@@ -175,7 +195,7 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     everyone, selected = select_users(cfg)
     attributor = attributor_for(everyone)
     train = train_config(cfg)
-    grid = [(a, t, p, r) for a in alphas for t in taus for p in protects for r in penalties]
+    grid = [GridPoint(a, t, p, r, n) for a in alphas for t in taus for p in protects for r in penalties for n in ngrams]
     repair_tail(out_dir(cfg) / RESULTS)
     if method not in ("cope", "oppu+cd"):
         raise CopeError(f"--method {method!r}: sweep cope or oppu+cd")
@@ -184,12 +204,12 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     tam = "none (--no-tam)" if cfg.no_tam else "2-fold split (see table.md)"
     lines = ["# cope eval sweep", "", f"- command: `{command}`", f"- data: {cfg.data}; users: {len(selected)}; TAM: {tam}", "",
              f"- swept: {method} against oppu (the SFT adapter decoded alone)", "",
-             ("| alpha | tau | protect | rep. penalty | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) "
+             ("| alpha | tau | protect | rep. penalty | no-repeat n | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) "
               "| CoPe attribution | OPPU attribution | attribution CoPe - OPPU (query CI) | CoPe words | OPPU words |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     points, point_rows = {}, {}
-    for alpha, tau, protect, rp in grid:
-        name = point_name(alpha, tau, protect, rp)
+    for p in grid:
+        name = p.name
         keys = {(k[0], k[1], k[2]): k[3] for r in res for k in r["keys"][name]}
         rows = latest(rows_all, keys)
         mark_attribution(rows, attributor)
@@ -198,14 +218,15 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
             continue
         point_rows[name] = rows
         cells, points[name] = compared
-        lines.append(f"| {alpha:g} | {tau:g} | {protect} | {rp:g} | {cells}")
-        points[name] |= {"alpha": alpha, "tau": tau, "protect": protect, "repetition_penalty": rp}
+        lines.append(f"| {p.alpha:g} | {p.tau:g} | {p.protect} | {p.rp:g} | {p.ngram or 'off'} | {cells}")
+        points[name] |= {"alpha": p.alpha, "tau": p.tau, "protect": p.protect, "repetition_penalty": p.rp,
+                         "no_repeat_ngram": p.ngram}
     if len(point_rows) > 1:  # a per-user choice of the grid point, cross-fitted on each user's own queries
         chosen = per_user_choice(point_rows, method)
         cells, points["per-user"] = compare_to_oppu(chosen, method)
         picks = sorted({r["chosen_point"] for r in chosen})
         points["per-user"]["points_chosen"] = picks
-        lines.append(f"| per user | per user | | | {cells}")
+        lines.append(f"| per user | per user | | | | {cells}")
         lines += ["", ("per user: each user's point is the one with the best mean ROUGE-L on the other half of that "
                        "user's queries (2-fold, halves by hash of the query id), so no query is scored under a setting "
                        f"chosen on itself; points chosen: {', '.join(picks)}")]

@@ -35,6 +35,9 @@ class TrainConfig:
     # OPPU: the user adapter (paper: r8/alpha8 q,v, lr 1e-4, 2 epochs)
     user: LoraSpec = field(default_factory=lambda: LoraSpec(8, 8, ("q_proj", "v_proj"), 1e-4, 2))
     sft_batch_size: int = 4  # examples per optimizer step
+    sft_val_fraction: float = 0.0  # > 0: this fraction of the user's newest pairs leaves the SFT and picks the kept
+    #                                step (lowest held-out loss, checked sft_val_every steps); 0: off, the paper's setup
+    sft_val_every: int = 0  # optimizer steps between held-out checks (0: twice per epoch)
     # synthetic negatives from the amateur (paper: K=3, T=1.0, top-p 0.95)
     neg_samples: int = 3  # K candidates per history item
     neg_temperature: float = 1.0  # sampling temperature

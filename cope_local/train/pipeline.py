@@ -107,6 +107,7 @@ class Pipeline:
 
     def key(self, stage: str) -> str:
         from cope_local.binding import base_fingerprint
+        from cope_local.train.sft import val_settings
 
         c = self.cfg
         d: dict = {"v": PIPELINE_VERSION, "stage": stage, "kind": self.ws.kind}
@@ -122,6 +123,9 @@ class Pipeline:
             d |= {"pairs": self._file_key(self.p("pairs"), "pairs"), "spec": spec.__dict__, "batch": batch,
                   "seed": c.seed, "max_steps": c.max_steps, "tam": self.tam.key if self.tam else None,
                   "precision": c.precision}
+            val = val_settings(c, "tam" if self.ws.kind == "tam" else "sft")
+            if val:  # only when on: the keys of runs without it stay valid
+                d["val"] = val
         elif stage == "negatives":
             d |= {"pairs": self._file_key(self.p("pairs"), "pairs"), "sft": self._file_key(self.p("sft_gguf"), "sft"),
                   "tam": self.tam.key if self.tam else None, "seed": c.seed,
@@ -264,6 +268,11 @@ class Pipeline:
                                   "resumed_from")}
         info["train_seconds"] = round(result.seconds, 1)
         self.log(f"{result.label}: {result.steps} steps, loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}")
+        if result.val_examples:
+            info |= {"val_examples": result.val_examples, "val_losses": result.val_losses, "kept_step": result.kept_step}
+            curve = ", ".join(f"{st}: {loss:.3f}" for st, loss in result.val_losses)
+            kept = f"step {result.kept_step}" if result.kept_step is not None else "the last step"
+            self.log(f"{result.label}: held-out loss ({result.val_examples} pairs) {curve}; kept {kept}")
         if not tam:  # negatives sample and score in llama.cpp, which needs the adapter as GGUF
             self._export(self.p("sft_adapter"), self.p("sft_gguf"), {"stage": "sft"})
         return info

@@ -16,6 +16,13 @@ is on the right and needs no attention mask: causal attention never lets a
 real token see the pads after it. The linear LR decay and gradient clipping
 at 1.0 are HF Trainer's defaults, which the paper's code used.
 
+Held-out early stopping (cfg.sft_val_fraction > 0, user adapter only): the
+newest pairs leave training; their loss is checked before the first step,
+every cfg.sft_val_every steps and at the end, and the adapter saved is the
+LoRA state of the check with the lowest held-out loss. A learning rate high
+enough to learn the voice also overfits a short history within an epoch or
+two (README, Results); the check picks the step instead of a guessed epoch count.
+
 A loss watchdog stops a diverging run: when the smoothed loss exceeds
 cfg.watchdog_factor x its early value (or is not finite) it raises CopeError.
 
@@ -66,6 +73,9 @@ class SftResult:
     seconds: float = 0.0  # wall time of this process's share of the training
     resumed_from: int = 0  # step the run continued from (0: fresh)
     device: str = ""
+    val_examples: int = 0  # held-out pairs (0: no early stopping)
+    val_losses: list = field(default_factory=list, repr=False)  # [step, held-out loss] per check
+    kept_step: int | None = None  # the step whose LoRA state was saved (None: the last)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -92,6 +102,30 @@ def total_steps(n_order: int, batch_size: int, max_steps: int | None) -> int:
     return min(steps, max_steps) if max_steps else steps
 
 
+def val_settings(cfg: TrainConfig, label: str) -> list | None:
+    """[fraction, every] when held-out early stopping is on for this run (user adapters only), else None."""
+    if label != "sft" or not cfg.sft_val_fraction:
+        return None
+    return [cfg.sft_val_fraction, cfg.sft_val_every]
+
+
+def split_val(examples: list, fraction: float, where: str) -> tuple[list, list]:
+    """(train, held out): the newest round(n * fraction) pairs, at least 1, leave training."""
+    if not 0 < fraction < 1:
+        raise CopeError(f"{where}: sft_val_fraction {fraction} must be between 0 and 1 (0 turns it off)")
+    n_val = max(1, round(len(examples) * fraction))
+    if len(examples) - n_val < 1:
+        raise CopeError(f"{where}: {len(examples)} pairs leave none to train on after holding out {n_val}; "
+                        "add history or set sft_val_fraction=0")
+    return examples[:-n_val], examples[-n_val:]
+
+
+def val_checkpoints(steps: int, n_train: int, batch_size: int, every: int) -> set[int]:
+    """Steps after which the held-out loss is checked: 0, every `every` (default: twice per epoch), the last."""
+    every = every or max(1, math.ceil(n_train / max(1, batch_size) / 2))
+    return {0, steps} | set(range(every, steps, every))
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 
 def run_key(pairs_sha: str, spec: LoraSpec, batch_size: int, cfg: TrainConfig, base_fp: str, tam_sha: str | None,
@@ -99,6 +133,8 @@ def run_key(pairs_sha: str, spec: LoraSpec, batch_size: int, cfg: TrainConfig, b
     """What a checkpoint is valid for: same data, settings, base and TAM, or it is not resumed."""
     data = {"v": SFT_CODE_VERSION, "pairs": pairs_sha, "spec": asdict(spec), "batch": batch_size, "seed": cfg.seed,
             "max_steps": cfg.max_steps, "base": base_fp, "tam": tam_sha, "label": label, "precision": cfg.precision}
+    if val_settings(cfg, label):
+        data["val"] = val_settings(cfg, label)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:24]
 
 
@@ -193,6 +229,9 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
     examples = read_pairs(pairs_path)
     if not examples:
         raise CopeError(f"{pairs_path}: no training pairs; add history to the profile and run again")
+    val_examples: list = []
+    if val_settings(cfg, label):
+        examples, val_examples = split_val(examples, cfg.sft_val_fraction, str(pairs_path))
     if batch_size < 1 or spec.lr <= 0 or spec.epochs <= 0:
         raise CopeError(f"{label}: batch size {batch_size}, lr {spec.lr}, epochs {spec.epochs}: all must be positive")
     tam_peft = Path(tam_peft) if tam_peft else None
@@ -220,6 +259,7 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
     scaler = torch.amp.GradScaler(plan.kind) if plan.scaler else None
     losses: list[float] = []
     watch = {"ref": None, "ema": None}
+    best: dict = {"step": None, "loss": None, "lora": None, "history": []}  # the held-out checks so far
     step = 0
     if state is not None:
         with torch.no_grad():
@@ -234,12 +274,15 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
         random.setstate(state["rng"]["python"])
         order, steps, micro_tokens = state["order"], state["steps"], state["micro_tokens"]
         losses, watch, step = list(state["losses"]), dict(state["watch"]), int(state["step"])
+        best = state.get("best") or best
         print(f"{label}: resuming at step {step}/{steps}", file=sys.stderr)
     else:
         micro_tokens = micro_batch_tokens(plan, model.config, cfg.batch_tokens)
     resumed_from = step
+    checks = val_checkpoints(steps, len(examples), batch_size, cfg.sft_val_every) if val_examples else set()
     if progress:
-        print(f"{label}: {len(examples)} examples, {steps} steps of {batch_size} on {plan.describe()}, "
+        held = f" ({len(val_examples)} held out for early stopping)" if val_examples else ""
+        print(f"{label}: {len(examples)} examples{held}, {steps} steps of {batch_size} on {plan.describe()}, "
               f"micro-batches of <= {micro_tokens} tokens", file=sys.stderr)
 
     saved = {"step": step if state is not None else 0}  # the step a rerun resumes from
@@ -251,7 +294,7 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
             "optim": optim.state_dict(), "sched": sched.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            "losses": losses, "watch": watch,
+            "losses": losses, "watch": watch, "best": best,
         }
         with atomic_path(ckpt_path) as tmp:
             torch.save(payload, tmp)
@@ -260,9 +303,20 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
     bar = Progress(label, steps, step, enabled=progress)
     decoder = model.get_base_model().get_decoder()  # the transformer stack (LoRA layers inside)
     head = model.get_base_model().get_output_embeddings()  # lm_head
+
+    def check_val() -> None:
+        """Held-out loss now; the LoRA state is kept when it is the lowest so far."""
+        if step not in checks or any(s == step for s, _ in best["history"]):
+            return
+        loss = held_out_loss(decoder, head, val_examples, plan, micro_tokens)
+        best["history"].append([step, loss])
+        if best["loss"] is None or loss < best["loss"]:
+            best.update(step=step, loss=loss, lora={n: p.detach().to("cpu").clone() for n, p in params})
+
     model.train()
     try:
         with StopRequests(label) as stop:
+            check_val()
             while step < steps:
                 batch = order[step * batch_size:(step + 1) * batch_size]
                 n_target = sum(len(examples[i].target_ids) for i in batch)
@@ -290,6 +344,7 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
                 value = loss_sum / n_target
                 losses.append(value)
                 _watchdog(label, value, watch, step, cfg.watchdog_factor, spec)
+                check_val()
                 bar.update(step, value)
                 if stop.requested:
                     save_checkpoint()
@@ -305,12 +360,38 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
     finally:
         bar.close()
 
+    kept = None
+    if best["step"] is not None and best["step"] != steps:
+        kept = best["step"]
+        with torch.no_grad():
+            for name, p in params:
+                p.copy_(best["lora"][name].to(p.device))
     result = SftResult(out_dir, label, len(examples), steps, batch_size, micro_tokens, losses,
-                       time.monotonic() - t_start, resumed_from, plan.describe())
+                       time.monotonic() - t_start, resumed_from, plan.describe(), len(val_examples),
+                       best["history"], kept)
     save_adapter(model, out_dir, result.summary())
     atomic_write_text(work / SUMMARY, json.dumps(result.summary(), indent=1) + "\n")
     ckpt_path.unlink(missing_ok=True)
     return result
+
+
+def held_out_loss(decoder, head, examples, plan, micro_tokens: int) -> float:
+    """Token-mean cross-entropy of the targets of `examples` (no gradients, dropout off)."""
+    import torch
+
+    from cope_local.train.device import micro_batches
+
+    decoder.eval()
+    total, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for part in micro_batches([e.length for e in examples], micro_tokens):
+            ids, rows, cols, labels = _batch_tensors(examples, part, plan.device)
+            with plan.autocast():
+                logits = head(decoder(input_ids=ids).last_hidden_state[rows, cols]).float()  # (N, V)
+            total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            n_tokens += len(labels)
+    decoder.train()
+    return total / max(1, n_tokens)
 
 
 def _watchdog(label: str, loss: float, watch: dict, step: int, factor: float, spec: LoraSpec) -> None:
