@@ -276,3 +276,16 @@ def test_sweep_without_a_run_says_what_to_do(tmp_path, capsys):
     data.write_text(json.dumps(_user_row("ann")) + "\n", encoding="utf-8")
     assert main(["eval", "sweep", "--data", str(data), "--out", str(tmp_path / "none")]) == 2
     assert "run `cope eval run` first" in capsys.readouterr().err
+
+
+def test_worker_stderr_lines_name_their_user():
+    import io
+
+    from cope_local.eval.runner import _PrefixedLines
+
+    sink = io.StringIO()
+    err = _PrefixedLines(sink, "[ann] ")
+    err.write("negatives: 4/44 items\ndpo: ")
+    err.write("step 1/6\n[ann] sft: up to date\n\rbar 1\rbar 2\n")
+    assert sink.getvalue() == ("[ann] negatives: 4/44 items\n[ann] dpo: step 1/6\n[ann] sft: up to date\n"
+                               "\r[ann] bar 1\r[ann] bar 2\n")

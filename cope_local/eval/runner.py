@@ -110,10 +110,41 @@ def tam_label(cfg: EvalConfig, user: EvalUser) -> str:
 
 def _init_worker(threads: int) -> None:
     os.environ["COPE_THREADS"] = str(threads)
+    os.environ["COPE_EVAL_WORKER"] = "1"
+
+
+class _PrefixedLines:
+    """A text stream that starts each line with `prefix` (unless the line already does): with --jobs, the
+    stages' own progress lines (negatives, dpo) of several users interleave on one stderr."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.at_line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for part in text.splitlines(keepends=True):
+            lead = "\r" if part.startswith("\r") else ""  # a progress line redrawn in place keeps its prefix
+            if self.at_line_start and not part[len(lead):].startswith(self.prefix.strip()):
+                part = lead + self.prefix + part[len(lead):]
+            out.append(part)
+            self.at_line_start = part.endswith(("\n", "\r"))
+        self.stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name):  # flush, isatty, fileno...: the wrapped stream's
+        return getattr(self.stream, name)
 
 
 def run_job(job: Job) -> dict:
-    return {"inputs": _job_inputs, "tam": _job_tam, "user": _job_user}[job.kind](job)
+    fn = {"inputs": _job_inputs, "tam": _job_tam, "user": _job_user}[job.kind]
+    if not os.environ.get("COPE_EVAL_WORKER"):
+        return fn(job)
+    who = job.user.user_id if job.user is not None else f"tam fold-{job.fold}"
+    stderr, sys.stderr = sys.stderr, _PrefixedLines(sys.stderr, f"[{who}] ")
+    try:
+        return fn(job)
+    finally:
+        sys.stderr = stderr
 
 
 def _stage_info(results) -> dict:
