@@ -155,7 +155,7 @@ def test_held_out_early_stopping_keeps_the_best_check(default_model, tmp_path):
     from cope_local.train.config import LoraSpec, TrainConfig
     from cope_local.train.data import read_pairs
     from cope_local.train.device import choose_device
-    from cope_local.train.hf import load_base, offline
+    from cope_local.train.hf import load_base, offline, quiet_renames
     from cope_local.train.sft import held_out_loss, split_val, train_lora
 
     pairs = make_pairs_file(default_model, tmp_path)
@@ -173,7 +173,7 @@ def test_held_out_early_stopping_keeps_the_best_check(default_model, tmp_path):
 
     # the saved adapter, loaded as any peft adapter, has the kept check's held-out loss
     model, _ = load_base(default_model, torch.float32)
-    with offline():
+    with offline(), quiet_renames():
         model = PeftModel.from_pretrained(model, str(tmp_path / "a"))
     _, val = split_val(read_pairs(pairs), 0.25, "pairs")
     base = model.get_base_model()

@@ -98,10 +98,10 @@ def load_policy(base_gguf, sft_peft_dir, tam_peft_dir=None):
     """(PeftModel with the SFT adapter trainable as "default", tokenizer); the TAM, if any, merged into the base."""
     from peft import PeftModel
 
-    from cope_local.train.hf import load_base, offline
+    from cope_local.train.hf import load_base, offline, quiet_renames
 
     model, tokenizer = load_base(base_gguf)
-    with offline():
+    with offline(), quiet_renames():
         if tam_peft_dir is not None:
             model = PeftModel.from_pretrained(model, str(tam_peft_dir)).merge_and_unload()  # amateur = base + TAM
         policy = PeftModel.from_pretrained(model, str(sft_peft_dir), is_trainable=True)
@@ -234,39 +234,42 @@ def make_trainer(policy, tokenizer, rows: list[dict], ref: tuple[list[float], li
     from datasets import Dataset
     from trl import DPOConfig
 
+    from cope_local.train.hf import quiet_renames
+
     micro = micro or plan_batches(rows, cfg, plan, policy.config)[0]
     accum = cfg.dpo_batch_size // micro
     max_steps = -1  # the trainer's "run the epochs"; cfg.max_steps caps, never extends, them
     if cfg.max_steps:
         per_epoch = math.ceil(math.ceil(len(rows) / micro) / accum)
         max_steps = min(cfg.max_steps, max(1, math.ceil(cfg.dpo_epochs * per_epoch)))
-    args = DPOConfig(
-        output_dir=str(work_dir / "checkpoints"),
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=accum,
-        learning_rate=cfg.dpo_lr,
-        num_train_epochs=cfg.dpo_epochs,
-        max_steps=max_steps,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        beta=cfg.dpo_beta,
-        loss_type=["sigmoid"],  # standard DPO
-        precompute_ref_log_probs=True,  # the reference columns below; never trl's "ref" adapter copy
-        max_length=None,  # prompts/targets are already capped by the encoder (max_prompt_tokens, max_target_tokens)
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=max(1, cfg.checkpoint_every),
-        save_total_limit=2,  # the newest may be half-written when killed; the one before stays
-        report_to="none",
-        disable_tqdm=True,  # our own progress line (loss, margin, ETA)
-        use_cpu=plan is None or plan.kind == "cpu",
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        bf16=plan is not None and plan.dtype == "bfloat16",  # autocast (GPUs; CPUs with bf16 instructions); else float32
-        fp16=plan is not None and plan.dtype == "float16",
-    )
+    with quiet_renames():  # DPOConfig's own gradient_checkpointing default warns
+        args = DPOConfig(
+            output_dir=str(work_dir / "checkpoints"),
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=accum,
+            learning_rate=cfg.dpo_lr,
+            num_train_epochs=cfg.dpo_epochs,
+            max_steps=max_steps,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            beta=cfg.dpo_beta,
+            loss_type=["sigmoid"],  # standard DPO
+            precompute_ref_log_probs=True,  # the reference columns below; never trl's "ref" adapter copy
+            max_length=None,  # prompts/targets are already capped by the encoder (max_prompt_tokens, max_target_tokens)
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=max(1, cfg.checkpoint_every),
+            save_total_limit=2,  # the newest may be half-written when killed; the one before stays
+            report_to="none",
+            disable_tqdm=True,  # our own progress line (loss, margin, ETA)
+            use_cpu=plan is None or plan.kind == "cpu",
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            bf16=plan is not None and plan.dtype == "bfloat16",  # autocast (GPUs; CPUs with bf16 instructions); else float32
+            fp16=plan is not None and plan.dtype == "float16",
+        )
     dataset = Dataset.from_list([
         {"prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"],
          "ref_chosen_logps": rc, "ref_rejected_logps": rr}

@@ -40,6 +40,17 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
+def quiet_renames():
+    """transformers' FutureWarnings about its gradient_checkpointing renames, raised inside peft and trl
+    (not our calls), silenced for the block: they filled every training log with two warnings per stage."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.*")
+        yield
+
+
+@contextlib.contextmanager
 def offline():
     """HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set for the block: transformers never reaches a hub."""
     keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")

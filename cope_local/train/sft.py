@@ -42,7 +42,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -186,7 +185,7 @@ def _lora_model(base_gguf, spec: LoraSpec, plan, seed: int, tam_peft: Path | Non
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from cope_local.train.hf import load_base, offline
+    from cope_local.train.hf import load_base, offline, quiet_renames
 
     model, tokenizer = load_base(base_gguf, plan.storage_dtype())
     if tam_peft is not None:
@@ -197,8 +196,7 @@ def _lora_model(base_gguf, spec: LoraSpec, plan, seed: int, tam_peft: Path | Non
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets),
                         lora_dropout=spec.dropout, bias="none", task_type="CAUSAL_LM")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename, via peft
+        with quiet_renames():
             model = get_peft_model(model, config)
     except ValueError as exc:
         raise CopeError(f"LoRA targets {list(spec.targets)}: {exc}; set targets to module names of this model "
