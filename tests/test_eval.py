@@ -176,6 +176,7 @@ def _eval_env(monkeypatch, pytestconfig):
 def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env):
     from cope_local.cli import main
     from cope_local.eval.generate import METHODS
+    from cope_local.eval.results import read_rows
 
     data = tmp_path / "users.jsonl"
     data.write_text("".join(json.dumps(_user_row(u)) + "\n" for u in ("ann", "bob")), encoding="utf-8")
@@ -264,8 +265,7 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sweep["generated"] == 8 and set(sweep["points"]) == {"0.5,0.1,nr1"}
     assert "| 0.5 | 0.1 | none | 1 | 1 |" in (out / "sweep.md").read_text()
-    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert sum(r["settings"].get("no_repeat_ngram") == 1 for r in rows) == 8
+    assert sum(r["settings"].get("no_repeat_ngram") == 1 for r in read_rows(out / "results.jsonl")) == 8
     assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--no-repeat-ngram", "x"]) == 2
 
 
