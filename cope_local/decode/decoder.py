@@ -240,15 +240,13 @@ class Decoder:
     def _single_steps(self, ctx: Context, ids: list[int], cfg: GenConfig, rng) -> Iterator[int]:
         ctx.reset()
         logits = ctx.eval(ids)
-        seen: set[int] = set()  # generated tokens (the prompt's are not penalized: copying from it is often right)
-        out: list[int] = []  # the same, in order (no_repeat_ngram)
+        out: list[int] = []  # generated tokens (the prompt's are not penalized: copying from it is often right)
         while True:
-            logits = rule.ban_repeats(rule.penalize(logits, seen, cfg.repetition_penalty), out, cfg.no_repeat_ngram)
+            logits = rule.ban_repeats(rule.penalize(logits, out, cfg.repetition_penalty), out, cfg.no_repeat_ngram)
             if cfg.temperature > 0:
                 tok = rule.sample_top_p(logits, cfg.temperature, cfg.top_p, rng)
             else:
                 tok = int(np.argmax(logits))
-            seen.add(tok)
             out.append(tok)
             yield tok
             logits = ctx.eval([tok])
@@ -273,10 +271,9 @@ class Decoder:
         amateur_logits = None  # amateur logits at the current position, when known
         if not lazy:
             amateur_logits, pending = amateur.eval(pending), []
-        seen: set[int] = set()
-        out: list[int] = []
+        out: list[int] = []  # generated tokens
         while True:
-            user_logits = rule.penalize(user_logits, seen, cfg.repetition_penalty)
+            user_logits = rule.penalize(user_logits, out, cfg.repetition_penalty)
             user_logits = rule.ban_repeats(user_logits, out, cfg.no_repeat_ngram)  # outside the head set from here on
             head = rule.head_set(user_logits, cfg.tau)
             gen.head_sizes.append(len(head))
@@ -294,7 +291,6 @@ class Decoder:
                     tok = int(head[rule.sample_top_p(scores, cfg.temperature, cfg.top_p, rng)])
                 else:
                     tok = rule.greedy(head, scores)
-            seen.add(tok)
             out.append(tok)
             yield tok
             user_logits = expert.eval([tok])

@@ -46,7 +46,7 @@ def cope_scores(user_logits: np.ndarray, amateur_logits: np.ndarray, head: np.nd
 
 def penalize(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
     """Repetition penalty (the usual form: positive logits divided by `penalty`, negative ones
-    multiplied) on the tokens in `seen`; a copy. -> (V,)"""
+    multiplied) on the tokens in `seen` (repeats count once); a copy. -> (V,)"""
     if penalty == 1.0 or not seen:
         return logits
     out = logits.copy()

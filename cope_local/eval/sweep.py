@@ -160,22 +160,18 @@ def parse_protect(text: str) -> list[str]:
 
 
 def parse_ngrams(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise CopeError(f"--no-repeat-ngram {text!r}: expected comma-separated whole numbers, e.g. 0,3") from None
-    if not vals or any(not (0 <= v <= 16) for v in vals):
-        raise CopeError(f"--no-repeat-ngram {text!r}: give at least one n between 0 (off) and 16")
-    return vals
+    return parse_grid(text, "no-repeat-ngram", number=int, high=16)
 
 
-def parse_grid(text: str, what: str) -> list[float]:
+def parse_grid(text: str, what: str, *, number=float, high: float = 10) -> list:
+    """Comma-separated values of --what, each a `number` (float or int) in [0, high]."""
+    kind, example = ("whole numbers", "0,3") if number is int else ("numbers", "0.1,0.3")
     try:
-        vals = [float(x) for x in str(text).split(",") if x.strip()]
+        vals = [number(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise CopeError(f"--{what} {text!r}: expected comma-separated numbers, e.g. 0.1,0.3") from None
-    if not vals or any(not (0 <= v <= 10) for v in vals):
-        raise CopeError(f"--{what} {text!r}: give at least one number between 0 and 10")
+        raise CopeError(f"--{what} {text!r}: expected comma-separated {kind}, e.g. {example}") from None
+    if not vals or any(not (0 <= v <= high) for v in vals):
+        raise CopeError(f"--{what} {text!r}: give at least one number between 0 and {high:g}")
     return vals
 
 

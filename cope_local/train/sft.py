@@ -19,9 +19,10 @@ at 1.0 are HF Trainer's defaults, which the paper's code used.
 Held-out early stopping (cfg.sft_val_fraction > 0, user adapter only): the
 newest pairs leave training; their loss is checked before the first step,
 every cfg.sft_val_every steps and at the end, and the adapter saved is the
-LoRA state of the check with the lowest held-out loss. A learning rate high
-enough to learn the voice also overfits a short history within an epoch or
-two (README, Results); the check picks the step instead of a guessed epoch count.
+LoRA state of the check with the lowest held-out loss: the check picks the
+step instead of a guessed epoch count. (On LaMP-7 at lr 1e-3 the held-out
+loss still fell at the last step while greedy outputs had already collapsed
+into @mentions: README, Results.)
 
 A loss watchdog stops a diverging run: when the smoothed loss exceeds
 cfg.watchdog_factor x its early value (or is not finite) it raises CopeError.
@@ -132,8 +133,9 @@ def run_key(pairs_sha: str, spec: LoraSpec, batch_size: int, cfg: TrainConfig, b
     """What a checkpoint is valid for: same data, settings, base and TAM, or it is not resumed."""
     data = {"v": SFT_CODE_VERSION, "pairs": pairs_sha, "spec": asdict(spec), "batch": batch_size, "seed": cfg.seed,
             "max_steps": cfg.max_steps, "base": base_fp, "tam": tam_sha, "label": label, "precision": cfg.precision}
-    if val_settings(cfg, label):
-        data["val"] = val_settings(cfg, label)
+    val = val_settings(cfg, label)
+    if val:  # only when on: the keys of runs without it stay valid
+        data["val"] = val
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:24]
 
 
@@ -189,7 +191,7 @@ def _lora_model(base_gguf, spec: LoraSpec, plan, seed: int, tam_peft: Path | Non
 
     model, tokenizer = load_base(base_gguf, plan.storage_dtype())
     if tam_peft is not None:
-        with offline():
+        with offline(), quiet_renames():
             model = PeftModel.from_pretrained(model, str(tam_peft)).merge_and_unload()  # base + TAM, in memory
     model.config.use_cache = False
     torch.manual_seed(seed)  # LoRA A init draws from torch's global RNG
@@ -257,7 +259,7 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
     scaler = torch.amp.GradScaler(plan.kind) if plan.scaler else None
     losses: list[float] = []
     watch = {"ref": None, "ema": None}
-    best: dict = {"step": None, "loss": None, "lora": None, "history": []}  # the held-out checks so far
+    best: dict = {"history": [], "lora": None}  # the held-out checks so far ([step, loss]) and the LoRA of the lowest
     step = 0
     if state is not None:
         with torch.no_grad():
@@ -304,12 +306,13 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
 
     def check_val() -> None:
         """Held-out loss now; the LoRA state is kept when it is the lowest so far."""
-        if step not in checks or any(s == step for s, _ in best["history"]):
+        history = best["history"]
+        if step not in checks or any(s == step for s, _ in history):
             return
         loss = held_out_loss(decoder, head, val_examples, plan, micro_tokens)
-        best["history"].append([step, loss])
-        if best["loss"] is None or loss < best["loss"]:
-            best.update(step=step, loss=loss, lora={n: p.detach().to("cpu").clone() for n, p in params})
+        if all(loss < v for _, v in history):
+            best["lora"] = {n: p.detach().to("cpu").clone() for n, p in params}
+        history.append([step, loss])
 
     model.train()
     try:
@@ -320,12 +323,7 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
                 n_target = sum(len(examples[i].target_ids) for i in batch)
                 loss_sum = 0.0
                 for part in micro_batches([examples[i].length for i in batch], micro_tokens):
-                    idx = [batch[j] for j in part]
-                    ids, rows, cols, labels = _batch_tensors(examples, idx, plan.device)
-                    with plan.autocast():
-                        hidden = decoder(input_ids=ids).last_hidden_state  # (B, L, H)
-                        logits = head(hidden[rows, cols]).float()  # (N, V): target positions only
-                    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+                    loss = target_loss_sum(decoder, head, examples, [batch[j] for j in part], plan)
                     (scaler.scale(loss / n_target) if scaler else loss / n_target).backward()
                     loss_sum += float(loss.detach())
                 if scaler is not None:
@@ -358,9 +356,10 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
     finally:
         bar.close()
 
-    kept = None
-    if best["step"] is not None and best["step"] != steps:
-        kept = best["step"]
+    kept = min(best["history"], key=lambda c: c[1])[0] if best["history"] else None  # the first of equal lows
+    if kept == steps:
+        kept = None  # the weights in hand
+    if kept is not None:
         with torch.no_grad():
             for name, p in params:
                 p.copy_(best["lora"][name].to(p.device))
@@ -373,6 +372,17 @@ def train_lora(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, *, bas
     return result
 
 
+def target_loss_sum(decoder, head, examples, idx: list[int], plan):
+    """Summed cross-entropy of the target tokens of examples[idx], in one forward. -> scalar tensor"""
+    import torch
+
+    ids, rows, cols, labels = _batch_tensors(examples, idx, plan.device)
+    with plan.autocast():
+        hidden = decoder(input_ids=ids).last_hidden_state  # (B, L, H)
+        logits = head(hidden[rows, cols]).float()  # (N, V): target positions only
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
 def held_out_loss(decoder, head, examples, plan, micro_tokens: int) -> float:
     """Token-mean cross-entropy of the targets of `examples` (no gradients, dropout off)."""
     import torch
@@ -383,11 +393,8 @@ def held_out_loss(decoder, head, examples, plan, micro_tokens: int) -> float:
     total, n_tokens = 0.0, 0
     with torch.no_grad():
         for part in micro_batches([e.length for e in examples], micro_tokens):
-            ids, rows, cols, labels = _batch_tensors(examples, part, plan.device)
-            with plan.autocast():
-                logits = head(decoder(input_ids=ids).last_hidden_state[rows, cols]).float()  # (N, V)
-            total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            n_tokens += len(labels)
+            total += float(target_loss_sum(decoder, head, examples, part, plan))
+            n_tokens += sum(len(examples[i].target_ids) for i in part)
     decoder.train()
     return total / max(1, n_tokens)
 
