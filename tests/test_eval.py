@@ -289,3 +289,16 @@ def test_worker_stderr_lines_name_their_user():
     err.write("step 1/6\n[ann] sft: up to date\n\rbar 1\rbar 2\n")
     assert sink.getvalue() == ("[ann] negatives: 4/44 items\n[ann] dpo: step 1/6\n[ann] sft: up to date\n"
                                "\r[ann] bar 1\r[ann] bar 2\n")
+
+
+def test_workers_take_the_largest_users_first():
+    from cope_local.eval.runner import Job, largest_first
+    from cope_local.ingest.items import HistoryItem
+
+    def user(uid, n):
+        items = [HistoryItem(id=f"{uid}{i}", input=None, output="x", source="t") for i in range(n)]
+        return EvalUser(user_id=uid, task="lamp7", history=items, queries=[])
+
+    jobs = [Job("user", None, None, user(uid, n)) for uid, n in [("a", 3), ("b", 40), ("c", 7), ("d", 40), ("e", 1)]]
+    assert largest_first(jobs) == [1, 3, 2, 0, 4]  # 40 (file order among ties), 40, 7, 3, 1
+    assert largest_first([Job("tam", None, None, fold="A"), jobs[4]]) == [1, 0]  # no user: size 0

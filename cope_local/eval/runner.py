@@ -250,8 +250,17 @@ def _job_user(job: Job, train_stages: bool = True) -> dict:
             **stats}
 
 
+def largest_first(jobs: list) -> list[int]:
+    """Job indices by decreasing size (a user's history items: training and mining scale with them);
+    ties keep the file's order."""
+    size = lambda job: len(job.user.history) if getattr(job, "user", None) is not None else 0
+    return sorted(range(len(jobs)), key=lambda i: -size(jobs[i]))
+
+
 def run_jobs(jobs: list, n: int, fn=run_job) -> list[dict]:
-    """fn(job) for each job: in this process when n == 1, else in n spawned processes (COPE_THREADS = cores // n)."""
+    """fn(job) for each job, results in the jobs' order: in this process when n == 1, else in n spawned
+    processes (COPE_THREADS = cores // n) that take the largest jobs first, so a long user that comes
+    last in the file does not run alone at the end while the other workers sit idle."""
     if n <= 1 or len(jobs) <= 1:
         return [fn(j) for j in jobs]
     import multiprocessing
@@ -260,7 +269,8 @@ def run_jobs(jobs: list, n: int, fn=run_job) -> list[dict]:
     threads = max(1, (os.cpu_count() or 1) // n)
     with ProcessPoolExecutor(max_workers=min(n, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker, initargs=(threads,)) as pool:
-        return list(pool.map(fn, jobs))
+        futures = {i: pool.submit(fn, jobs[i]) for i in largest_first(jobs)}
+        return [futures[i].result() for i in range(len(jobs))]
 
 
 # ---- the whole run ------------------------------------------------------------------------------------
