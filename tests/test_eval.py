@@ -218,6 +218,12 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     assert all(0.0 <= first["methods"][m]["attribution"] <= 1.0 for m in METHODS)
     assert first["attribution_of_real_texts"] >= 0.5 and "- cope - oppu, attr:" in table
     assert (out / "rougeL.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the differences split by query kind, with how many outputs the two methods share
+    assert "| difference | all | holdout | query | same output |" in table
+    cd_row = next(x for x in table.splitlines() if x.startswith("| oppu+cd - oppu |"))
+    oppu = {(r["user_id"], r["query_id"]): r["output"] for r in rows if r["method"] == "oppu"}
+    same = sum(oppu[(r["user_id"], r["query_id"])] == r["output"] for r in rows if r["method"] == "oppu+cd")
+    assert "(n = 4)" in cd_row and cd_row.count("(n = 2)") == 2 and cd_row.endswith(f" | {same} |")
     assert json.loads((ws / "stages" / "dpo.json").read_text())["state"] == "done"
 
     # the same command again, users in 2 spawned workers: every stage skipped, nothing decoded, results untouched

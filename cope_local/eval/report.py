@@ -15,6 +15,8 @@ from cope_local.eval.metrics import RESAMPLES, SEED, Interval, bootstrap_mean, p
 from cope_local.paths import atomic_path, atomic_write_text
 
 COMPARISONS = (("cope", "oppu"), ("cope", "tam"))  # differences with CIs under the table (the issue's two)
+# ROUGE-L differences split by query kind: each step of the method against the one before it
+KIND_COMPARISONS = (("cope", "oppu"), ("oppu", "base"), ("cope", "base"), ("oppu+dpo", "oppu"), ("oppu+cd", "oppu"))
 
 
 def report_rows(cfg, keys: dict) -> list[dict]:
@@ -60,6 +62,28 @@ def _ci_lines(rows: list[dict], comparisons) -> tuple[list[str], dict]:
             data[f"{a}-{b}:{metric}"] = {"mean": q.mean, "query_ci": [q.low, q.high], "user_ci": [u.low, u.high],
                                          "n": n}
     return lines, data
+
+
+def kind_lines(rows: list[dict], comparisons=KIND_COMPARISONS) -> list[str]:
+    """ROUGE-L differences over all queries and per query kind (the benchmark's own queries vs items
+    held out of the profiles: their inputs are made differently, so their gains can differ), and how
+    many outputs the two methods share (a contrast that changes no token cannot change a score)."""
+    kinds = sorted({r["query_kind"] for r in rows})
+    if len(kinds) < 2:
+        return []
+    lines = ["", "ROUGE-L differences by query kind (query bootstrap, 95 % CI; n = paired queries):", "",
+             "| difference | all | " + " | ".join(kinds) + " | same output |", "|---" * (len(kinds) + 3) + "|"]
+    for a, b in comparisons:
+        cells = []
+        for kind in (None, *kinds):
+            res = paired([r for r in rows if kind is None or r["query_kind"] == kind], a, b)
+            cells.append(f"{res[0].fmt()} (n = {res[2]})" if res else "n/a")
+        if cells[0] == "n/a":
+            continue
+        out_b = {(r["user_id"], r["query_id"]): r["output"] for r in rows if r["method"] == b}
+        same = sum(1 for r in rows if r["method"] == a and out_b.get((r["user_id"], r["query_id"])) == r["output"])
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + f" | {same} |")
+    return lines
 
 
 def write_report(cfg, keys: dict, users, everyone=None) -> dict:
@@ -109,6 +133,7 @@ def write_report(cfg, keys: dict, users, everyone=None) -> dict:
     if ceiling:
         lines.append(f"| (real texts) | 1.000 | | 1.000 | | {ceiling.mean:.3f} | {ci(ceiling)} | | 1.00 | |")
     lines += ["", "Differences (mean over paired queries, 95 % CI):", ""] + (ci_lines or ["- (no pairs to compare)"])
+    lines += kind_lines(rows)
     lines += ["", "Per-user ROUGE-L:", "", "| user | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for u in user_ids:
         lines.append(f"| {u} | " + " | ".join(f"{summary[m].user_rougeL.get(u, float('nan')):.3f}" for m in methods) + " |")
