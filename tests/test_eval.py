@@ -275,6 +275,38 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--no-repeat-ngram", "x"]) == 2
 
 
+def test_eval_run_with_tams_one_per_fold_never_trained_on_its_users(tmp_path, capsys, no_network, _eval_env):
+    """The default protocol (no --no-tam): each fold's TAM is trained on the other fold's users only,
+    and is the amateur (and the `tam` row) of its own fold's users."""
+    import hashlib
+
+    from cope_local.cli import main
+    from cope_local.eval.results import read_rows
+
+    data = tmp_path / "users.jsonl"  # ann is in fold B, cat in fold A
+    data.write_text("".join(json.dumps(_user_row(u, n_queries=2)) + "\n" for u in ("ann", "cat")), encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["eval", "run", "--data", str(data), "--out", str(out), "--methods", "base,tam,oppu,oppu+cd",
+            "--max-steps", "1", "--max-tokens", "8", "--set", "tam.lr=0.01", "--set", "max_target_tokens=32", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(t["fold"], t["users"], t["items"]) for t in summary["phases"]["tam"]] == [("A", 1, 10), ("B", 1, 10)]
+    for fold, own, donor in (("A", "cat", "ann"), ("B", "ann", "cat")):
+        items = (out / "tams" / f"fold-{fold}" / "items.jsonl").read_text()
+        assert f"#{donor}" in items and f"#{own}" not in items
+    rows = list(read_rows(out / "results.jsonl"))
+    assert len(rows) == 2 * 2 * 4
+    tam_sha = {f: hashlib.sha256((out / "tams" / f"fold-{f}" / "tam.gguf").read_bytes()).hexdigest() for f in "AB"}
+    for r in rows:  # the user's own fold's TAM, in every row but the base's
+        fold = "B" if r["user_id"] == "ann" else "A"
+        assert r["settings"]["tam"] == ("none" if r["method"] == "base" else tam_sha[fold])
+        assert r["settings"]["tam_split"].startswith(f"fold {fold} ")
+    out_of = lambda m: {(r["user_id"], r["query_id"]): r["output"] for r in rows if r["method"] == m}
+    assert out_of("tam") != out_of("base")  # the TAM (one step at lr 1e-2) is a different amateur
+    table = (out / "table.md").read_text()
+    assert "TAM split: 2-fold by sha256(user_id)" in table and "- cope - tam" not in table  # no cope row asked for
+
+
 def test_sweep_without_a_run_says_what_to_do(tmp_path, capsys):
     from cope_local.cli import main
 
