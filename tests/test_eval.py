@@ -122,27 +122,30 @@ def test_tam_split_is_fixed_and_never_sees_the_user(tmp_path):
         assert len(u.history) == 8 and not {i.id for i in u.holdout} & {i.id for i in tam + u.history}
 
 
-def test_held_out_items_whose_paraphrase_copied_the_text_are_not_queries(tmp_path, default_model):
+def test_held_out_items_whose_input_gives_the_text_away_are_not_queries(tmp_path, default_model):
     from types import SimpleNamespace
 
     from cope_local.eval.runner import holdout_queries
     from cope_local.tasks import get_task
-    from cope_local.tasks.registry import PARAPHRASE_PROMPT
+    from cope_local.tasks.registry import PARAPHRASE_PROMPT, gives_away
     from cope_local.train.paraphrase import Paraphraser
 
     path = tmp_path / "users.jsonl"
     path.write_text(json.dumps(_user_row("ann")) + "\n", encoding="utf-8")
     [user] = load_users(path, holdout=2)
     copied, paraphrased = user.holdout
-    # the base model's answers, as the paraphrase cache holds them: one copies the text (case and punctuation aside)
+    # the base model's answers, as the paraphrase cache holds them: one holds the whole text (case and punctuation aside)
     cache = tmp_path / "holdout.generated.jsonl"
     key = Paraphraser(default_model, cache).key
-    answers = {copied.output: copied.output.upper() + " !", paraphrased.output: "I have no plans for the weekend."}
+    answers = {copied.output: f"So: {copied.output.upper()} ! Rewritten:",
+               paraphrased.output: "I have no plans for the weekend."}
     cache.write_text("".join(json.dumps({"key": key(PARAPHRASE_PROMPT.format(text=t)), "text": a}) + "\n"
                              for t, a in answers.items()), encoding="utf-8")
     queries = holdout_queries(user, SimpleNamespace(task=get_task(user.task), path=tmp_path), default_model)
     assert [(q.reference, q.kind) for q in queries] == [(paraphrased.output, "holdout")]
     assert queries[0].prompt.endswith("I have no plans for the weekend.") and copied.output not in queries[0].prompt
+    assert gives_away("x: A SAD story, that... will make you cry !", "a sad story that will make you cry")
+    assert not gives_away("I love cats", "cat") and not gives_away("anything", " !! ")  # whole words; no text
 
 
 def test_lamp_pair_files_and_bad_input(tmp_path):

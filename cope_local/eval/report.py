@@ -114,7 +114,7 @@ def write_report(cfg, keys: dict, users, everyone=None) -> dict:
         f"- data: {cfg.data}" + (f" + {cfg.outputs}" if cfg.outputs else ""),
         f"- model: {settings.get('model', cfg.model or 'default')}",
         f"- users: {len(user_ids)}; queries: {n_queries} ({n_held} held out from profiles, --holdout {cfg.holdout}"
-        + ("; not those whose paraphrase copied the text: their input would be the answer)" if cfg.holdout else ")"),
+        + ("; not those whose made input holds the whole text: it would give the answer away)" if cfg.holdout else ")"),
         f"- TAM split: {split}",
         f"- decoding: {decoding}",
         f"- ROUGE: {rouge_note}", "",

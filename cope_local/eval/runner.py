@@ -192,8 +192,9 @@ def user_train_config(job_cfg: EvalConfig, train, user: EvalUser):
 
 def holdout_queries(user: EvalUser, ws, base: Path) -> list[Query]:
     """Held-out items as queries, their inputs made as the `inputs` stage makes training inputs.
-    An item whose paraphrase failed (the base model copied the text or refused) is not a query: its
-    input would be the text itself, the answer (training keeps such items: there the copy does no harm)."""
+    An item whose made input holds the whole text (the base model copied it, or refused and the text
+    stood in) is not a query: its input would give the answer away. Training keeps such items."""
+    from cope_local.tasks.registry import gives_away
     from cope_local.train.paraphrase import Paraphraser
 
     if not user.holdout:
@@ -203,7 +204,7 @@ def holdout_queries(user: EvalUser, ws, base: Path) -> list[Query]:
     with Paraphraser(base, ws.path / "holdout.generated.jsonl", total=need, progress=False) as para:
         made = task.make_inputs(user.holdout, para if need else None)
     return [Query(f"holdout-{i.id}", task.training_pair(i)[0][-1]["content"], i.output, "holdout") for i in made
-            if i.meta.get("input_from") != "generated-copy"]
+            if not gives_away(i.input or "", i.output)]
 
 
 def user_adapters(job_cfg: EvalConfig, pipe, user: EvalUser, need_dpo: bool) -> Adapters:

@@ -109,6 +109,12 @@ def _norm(text: str) -> str:
     return re.sub(r"\W+", " ", text).strip().casefold()
 
 
+def gives_away(made_input: str, text: str) -> bool:
+    """True when an input made for `text` holds all of it (case, spacing and punctuation aside): a
+    paraphrase that copied the text, perhaps with more around it."""
+    return bool(_norm(text)) and f" {_norm(text)} " in f" {_norm(made_input)} "
+
+
 def clean_generated(text: str) -> str:
     """First paragraph of a model's answer, without a 'Rewritten:' label, quotes or a refusal."""
     text = (text or "").strip()
