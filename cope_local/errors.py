@@ -10,3 +10,7 @@ class CopeError(Exception):
     """A user-facing failure: one line, naming the file and what to do."""
 
     exit_code = 2
+
+
+class TooFewItems(CopeError):
+    """A history too small to learn a voice from: the user adds writing; `cope eval` skips the user."""

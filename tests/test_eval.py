@@ -333,6 +333,22 @@ def test_eval_run_with_tams_one_per_fold_never_trained_on_its_users(tmp_path, ca
     assert "TAM split: 2-fold by sha256(user_id)" in table and "- cope - tam" not in table  # no cope row asked for
 
 
+def test_a_user_with_too_little_history_is_skipped_not_fatal(tmp_path, capsys, no_network, _eval_env):
+    from cope_local.cli import main
+    from cope_local.eval.results import read_rows
+
+    dup = {**_user_row("dup"), "profile": [{"text": "same tweet again #dup"}] * 10}  # one distinct text
+    data = tmp_path / "users.jsonl"
+    data.write_text(json.dumps(dup) + "\n" + json.dumps(_user_row("ann")) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["eval", "run", "--data", str(data), "--out", str(out), "--no-tam", "--methods", "base",
+                 "--max-steps", "1", "--max-tokens", "4", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["users"] == 1 and list(summary["skipped"]) == ["dup"] and "need at least 8" in summary["skipped"]["dup"]
+    assert {r["user_id"] for r in read_rows(out / "results.jsonl")} == {"ann"}
+    assert "- skipped: dup (" in (out / "table.md").read_text()
+
+
 def test_sweep_without_a_run_says_what_to_do(tmp_path, capsys):
     from cope_local.cli import main
 

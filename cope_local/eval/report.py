@@ -86,9 +86,10 @@ def kind_lines(rows: list[dict], comparisons=KIND_COMPARISONS) -> list[str]:
     return lines
 
 
-def write_report(cfg, keys: dict, users, everyone=None) -> dict:
+def write_report(cfg, keys: dict, users, everyone=None, skipped: dict | None = None) -> dict:
     """Write table.md and rougeL.png; return the numbers for the JSON summary.
-    everyone: all users of the file (the attribution classifier's training set); None = `users`."""
+    everyone: all users of the file (the attribution classifier's training set); None = `users`.
+    skipped: {user_id: why} for users with too little history to train on."""
     from cope_local.eval.runner import out_dir
 
     rows = report_rows(cfg, keys)
@@ -115,6 +116,7 @@ def write_report(cfg, keys: dict, users, everyone=None) -> dict:
         f"- model: {settings.get('model', cfg.model or 'default')}",
         f"- users: {len(user_ids)}; queries: {n_queries} ({n_held} held out from profiles, --holdout {cfg.holdout}"
         + ("; not those whose made input holds the whole text: it would give the answer away)" if cfg.holdout else ")"),
+        *[f"- skipped: {u} ({why})" for u, why in (skipped or {}).items()],
         f"- TAM split: {split}",
         f"- decoding: {decoding}",
         f"- ROUGE: {rouge_note}", "",

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cope_local.errors import CopeError
+from cope_local.errors import CopeError, TooFewItems
 from cope_local.eval.data import FOLDS, EvalUser, Query, fold_of, load_users, other_fold
 from cope_local.eval.generate import METHODS, Adapters, Decoding
 from cope_local.paths import atomic_write_text
@@ -243,7 +243,12 @@ def _job_user(job: Job, train_stages: bool = True) -> dict:
     stages = {}
     if train_stages:
         wanted = list(USER_STAGES) if need_dpo else ["inputs", "pairs", "sft"]
-        stages = _stage_info(pipe.run(wanted))
+        try:
+            stages = _stage_info(pipe.run(wanted))
+        except TooFewItems as e:  # one user's tiny history must not stop the other users' run
+            log(f"skipped: {e}")
+            return {"user_id": user.user_id, "name": user.name, "fold": user.fold, "queries": 0, "stages": {},
+                    "generated": 0, "cached": 0, "keys": [], "skipped": str(e)}
     ad = user_adapters(cfg, pipe, user, need_dpo)
     queries = user.queries + holdout_queries(user, ws, pipe.base)
     results = out_dir(cfg) / RESULTS
@@ -330,8 +335,10 @@ def run_eval(cfg: EvalConfig) -> dict:
                                   for f in folds], cfg.jobs)
     phases["users"] = run_jobs([Job("user", cfg, train, u) for u in selected], cfg.jobs)
     keys = {(k[0], k[1], k[2]): k[3] for r in phases["users"] for k in r.pop("keys")}
-    report = write_report(cfg, keys, selected, everyone)
-    return {"out": str(out_dir(cfg)), "users": len(selected), "queries": sum(r["queries"] for r in phases["users"]),
+    skipped = {r["user_id"]: r["skipped"] for r in phases["users"] if r.get("skipped")}
+    report = write_report(cfg, keys, selected, everyone, skipped=skipped)
+    return {"out": str(out_dir(cfg)), "users": len(selected) - len(skipped), "skipped": skipped,
+            "queries": sum(r["queries"] for r in phases["users"]),
             "generated": sum(r["generated"] for r in phases["users"]),
             "cached": sum(r["cached"] for r in phases["users"]), "seconds": round(time.monotonic() - t0, 1),
             "phases": phases, **report}

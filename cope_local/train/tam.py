@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cope_local.errors import CopeError
+from cope_local.errors import CopeError, TooFewItems
 from cope_local.paths import atomic_write_text
 from cope_local.tasks import Task, get_task
 
@@ -113,7 +113,7 @@ class Workspace:
             fix = (f"add more of your writing: create the profile again with more --from sources "
                    f"(`cope profile delete {self.name}` first)" if self.kind == "profile"
                    else "give --data a larger corpus")
-            raise CopeError(f"{self.items_path}: only {n} {what}, need at least {MIN_ITEMS} to learn a voice; {fix}")
+            raise TooFewItems(f"{self.items_path}: only {n} {what}, need at least {MIN_ITEMS} to learn a voice; {fix}")
 
     def train_command(self, stage: str) -> str:
         if self.kind == "profile":
