@@ -262,7 +262,7 @@ def _job_user(job: Job, train_stages: bool = True) -> dict:
 def largest_first(jobs: list) -> list[int]:
     """Job indices by decreasing size (a user's history items: training and mining scale with them);
     ties keep the file's order."""
-    size = lambda job: len(job.user.history) if getattr(job, "user", None) is not None else 0
+    size = lambda job: len(job.user.history) if job.user is not None else 0
     return sorted(range(len(jobs)), key=lambda i: -size(jobs[i]))
 
 
