@@ -130,6 +130,22 @@ def test_zero_weight_adapter_gives_the_base_greedy_tokens(default_model, decode_
             assert dec.generate(prompt, GenConfig(mode="cope", alpha=0.5, max_tokens=40)).tokens == base.tokens
 
 
+def test_adapter_scale_moves_the_expert_from_the_base_to_the_adapter(default_model, decode_adapter, decoder):
+    """adapter_scale weighs the user adapter's update: 0 is the base, 1 the adapter as trained, 0.5 in between."""
+    ids = decoder.prompt_ids(PROMPTS[1])
+    seq = ids + decoder.generate(ids, GenConfig(mode="user", max_tokens=12, ignore_eos=True)).tokens
+    full = decoder.token_logprobs(seq, len(ids), role="expert")  # the adapter's greedy tokens, scale 1
+    base = decoder.token_logprobs(seq, len(ids), role="amateur")
+    with Decoder(default_model, decode_adapter, adapter_scale=0.0) as dec:
+        assert np.allclose(dec.token_logprobs(seq, len(ids), role="expert"), base, atol=1e-4)
+        assert dec.generate(PROMPTS[1], GenConfig(mode="user", max_tokens=30)).tokens == \
+            decoder.generate(PROMPTS[1], GenConfig(mode="base", max_tokens=30)).tokens
+    with Decoder(default_model, decode_adapter, adapter_scale=0.5) as dec:
+        half = dec.token_logprobs(seq, len(ids), role="expert")
+    # the adapter's greedy tokens: likelier at half the update than under the base, less likely than at the full one
+    assert base.mean() + 0.01 < half.mean() < full.mean() - 0.01, (base.mean(), half.mean(), full.mean())
+
+
 def test_sampling_is_seeded(decoder):
     cfg = dict(mode="cope", temperature=1.0, top_p=0.95, max_tokens=30, alpha=0.3)
     a = decoder.generate(PROMPTS[0], GenConfig(**cfg, seed=7))

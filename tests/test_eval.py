@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -298,6 +299,39 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     assert sweep["generated"] == 8 and set(sweep["points"]) == {"0.5,0.1,nr1"}
     assert "| 0.5 | 0.1 | none | 1 | 1 |" in (out / "sweep.md").read_text()
     assert sum(r["settings"].get("no_repeat_ngram") == 1 for r in read_rows(out / "results.jsonl")) == 8
+    # and the adapter's weight in the expert: at scale 0 the expert is the base, so OPPU writes the base's text
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.5", "--tau", "0.1",
+                 "--method", "oppu+cd", "--adapter-scale", "0", "--json"]) == 0
+    sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sweep["generated"] == 8 and set(sweep["points"]) == {"0.5,0.1,s0"}
+    scaled = [r for r in read_rows(out / "results.jsonl") if r["settings"].get("adapter_scale") == 0]
+    assert sorted(r["method"] for r in scaled) == ["oppu"] * 4 + ["oppu+cd"] * 4
+    assert all(r["output"] == base[(r["user_id"], r["query_id"])] for r in scaled if r["method"] == "oppu")
+    assert "| 0.5 | 0.1 | none | 1 | off | 0 |" in (out / "sweep.md").read_text()
+    # without --json: a line per point, the per-user choice included, all cached now (oppu and cope per point)
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.1,0.5", "--tau", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "  0.5,0.1 " in printed and "  per-user " in printed and "0 generated, 16 cached" in printed
+
+    # compare: sides from this run and from a second folder (a copy of its rows), paired by query
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(out / "results.jsonl", other / "results.jsonl")
+    assert main(["eval", "compare", f"{out}:base", f"{other}:cope:alpha=0.1", f"{out}:oppu:adapter_scale=0",
+                 f"{out}:oppu+cd:alpha=0.5,protect=none", "--report", str(tmp_path / "cmp.md"), "--json"]) == 0
+    cmp = json.loads(capsys.readouterr().out)
+    assert cmp["users"] == 2 and cmp["queries"] == 4 and cmp["attribution_of_real_texts"] >= 0.5
+    sides = cmp["sides"]
+    assert sides["out:base"]["rougeL"] == pytest.approx(first["methods"]["base"]["rougeL"])
+    assert sides["other:cope:alpha=0.1"]["rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
+    assert sides["other:cope:alpha=0.1"]["diff"] == pytest.approx(
+        first["methods"]["cope"]["rougeL"] - first["methods"]["base"]["rougeL"])
+    zero = sides["out:oppu:adapter_scale=0"]  # the base's own texts: no difference at all
+    assert zero["same_output"] == 4 and zero["diff"] == 0 and zero["query_ci"] == [0, 0]
+    assert "| out:oppu+cd:alpha=0.5,protect=none - out:base |" in (tmp_path / "cmp.md").read_text()
+    assert main(["eval", "compare", f"{out}:base", f"{out}:cope:alpha=0.9"]) == 2  # no such rows
+    assert "no rows of method cope" in capsys.readouterr().err
+    assert main(["eval", "compare", f"{out}:base", f"{out}:nope"]) == 2
     assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--no-repeat-ngram", "x"]) == 2
 
 

@@ -1,4 +1,4 @@
-"""`cope eval run` and `cope eval sweep`: the benchmark harness (cope_local/eval).
+"""`cope eval run`, `sweep` and `compare`: the benchmark harness (cope_local/eval).
 
 Progress goes to stderr; stdout gets where the report is (or one JSON object with --json).
 Everything is cached under --out: rerunning the same command trains and decodes nothing new.
@@ -60,9 +60,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated repetition penalties, applied to oppu and the swept row alike (default 1: off)")
     s.add_argument("--no-repeat-ngram", default="0", metavar="N,...",
                    help="comma-separated n: no n-gram twice in an output, for oppu and the swept row alike (default 0: off)")
+    s.add_argument("--adapter-scale", default="1", metavar="S,...",
+                   help="comma-separated weights of the user adapter in the expert, for oppu and the swept row alike "
+                        "(default 1: as trained; 0.5 halves its update)")
     s.add_argument("--method", default="cope", choices=("cope", "oppu+cd"),
                    help="the contrastive row to sweep: cope (DPO adapter, default) or oppu+cd (SFT adapter)")
     s.set_defaults(func=cmd_eval_sweep)
+
+    c = verbs.add_parser("compare", help="rows of different runs or settings side by side, paired by query",
+                         description="Each SIDE is DIR:METHOD[:KEY=VALUE,...]: the rows of DIR/results.jsonl (a "
+                                     "`cope eval run --out` folder) for METHOD whose settings hold those values, e.g. "
+                                     "eval-out/strong:oppu+cd:alpha=0.3,adapter_scale=0.5. The first side is the "
+                                     "reference: every other side gets paired bootstrap CIs of its difference to it, "
+                                     "on the queries all sides share. A training variant needs its own --out folder; "
+                                     "this is how it meets the others.")
+    c.add_argument("sides", nargs="+", metavar="SIDE", help="DIR:METHOD[:KEY=VALUE,...]; the first is the reference")
+    c.add_argument("--report", default=None, metavar="FILE.md", help="also write the tables to FILE.md")
+    c.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    c.set_defaults(func=cmd_eval_compare)
 
 
 def _add_data_args(p) -> None:
@@ -124,12 +139,26 @@ def cmd_eval_sweep(args) -> int:
                         outputs=args.outputs, jobs=_jobs(args.jobs), command=_command(args, "sweep"),
                         protects=parse_protect(args.protect), users=args.users, method=args.method,
                         penalties=parse_grid(args.repetition_penalty, "repetition-penalty"),
-                        ngrams=parse_ngrams(args.no_repeat_ngram))
+                        ngrams=parse_ngrams(args.no_repeat_ngram),
+                        scales=parse_grid(args.adapter_scale, "adapter-scale", high=4))
     if args.json:
         print(json.dumps(summary, ensure_ascii=False, default=str))
     else:
-        for p in summary["points"].values():
-            print(f"  alpha {p['alpha']:<4g} tau {p['tau']:<4g} {p['protect']:<9} CoPe ROUGE-L {p['cope_rougeL']:.3f}  "
+        for name, p in summary["points"].items():  # name: alpha,tau[,protect][,rpP][,nrN][,sS], or per-user
+            print(f"  {name:<22} CoPe ROUGE-L {p['cope_rougeL']:.3f}  "
                   f"vs oppu {p['diff']:+.3f} [{p['query_ci'][0]:+.3f}, {p['query_ci'][1]:+.3f}]")
         print(f"{summary['generated']} generated, {summary['cached']} cached; report: {summary['out']}/sweep.md")
+    return 0
+
+
+def cmd_eval_compare(args) -> int:
+    from pathlib import Path
+
+    from cope_local.eval.compare import compare
+    from cope_local.paths import atomic_write_text
+
+    text, figures = compare(args.sides)
+    if args.report:
+        atomic_write_text(Path(args.report).expanduser(), text, mode=0o644)
+    print(json.dumps(figures, ensure_ascii=False) if args.json else text, end="\n" if args.json else "")
     return 0

@@ -50,6 +50,12 @@ class Decoding:
     protect: str = "none"  # tokens the contrast leaves alone (GenConfig.protect): none | eos | eos+punct
     repetition_penalty: float = 1.0  # GenConfig.repetition_penalty, for every method (1 = off)
     no_repeat_ngram: int = 0  # GenConfig.no_repeat_ngram, for every method (0 = off)
+    adapter_scale: float = 1.0  # the user adapter's weight in the expert (Decoder adapter_scale): 1 = as trained,
+    #                             0.5 = half its update; a strong adapter at a lower scale lies between it and the base
+
+
+# Settings a row leaves out when they are at these values, so rows made before each option existed stay valid
+SETTING_DEFAULTS = {"repetition_penalty": 1.0, "no_repeat_ngram": 0, "adapter_scale": 1.0, "protect": "none"}
 
 
 def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
@@ -59,15 +65,13 @@ def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
          "prompt_sha": hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16],
          "tam": ad.tam_key if (uses_tam and ad.tam) else "none", "tam_split": ad.tam_split,
          "adapter": ad.keys.get(adapter) if adapter else None}
-    if dec.repetition_penalty != 1.0:  # absent when off, so earlier rows stay valid
-        s["repetition_penalty"] = dec.repetition_penalty
-    if dec.no_repeat_ngram:  # likewise
-        s["no_repeat_ngram"] = dec.no_repeat_ngram
+    options = {"repetition_penalty": dec.repetition_penalty, "no_repeat_ngram": dec.no_repeat_ngram}  # every method
+    if adapter:  # only rows that decode a user adapter depend on its weight
+        options["adapter_scale"] = dec.adapter_scale
     if mode == "cope":
         s |= {"alpha": dec.alpha, "tau": dec.tau}
-        if dec.protect != "none":  # absent for the paper's rule, so rows made before the option stay valid
-            s["protect"] = dec.protect
-    return s
+        options["protect"] = dec.protect
+    return s | {k: v for k, v in options.items() if v != SETTING_DEFAULTS[k]}
 
 
 def generate_user(user: EvalUser, queries: list[Query], methods, ad: Adapters, dec: Decoding, results: Path,
@@ -100,7 +104,8 @@ def generate_user(user: EvalUser, queries: list[Query], methods, ad: Adapters, d
                 if not (method == "tam" and ad.tam is None and text is not None):  # --no-tam: tam is base
                     if decoder is None:
                         decoder = Decoder(ad.base, ad.files[adapter] if adapter else None,
-                                          tam=ad.tam if uses_tam else None, n_ctx=N_CTX)
+                                          tam=ad.tam if uses_tam else None, n_ctx=N_CTX,
+                                          adapter_scale=dec.adapter_scale)
                     cfg = GenConfig(mode=mode, alpha=dec.alpha, tau=dec.tau, max_tokens=dec.max_tokens, temperature=0.0,
                                     protect=dec.protect, repetition_penalty=dec.repetition_penalty,
                                     no_repeat_ngram=dec.no_repeat_ngram)

@@ -29,11 +29,13 @@ class GridPoint(NamedTuple):
     protect: str = "none"  # tokens the contrast leaves alone
     rp: float = 1.0  # repetition penalty (oppu and the swept row)
     ngram: int = 0  # no_repeat_ngram (oppu and the swept row)
+    scale: float = 1.0  # the user adapter's weight in the expert (oppu and the swept row)
 
     @property
     def name(self) -> str:
         return (f"{self.alpha},{self.tau}" + (f",{self.protect}" if self.protect != "none" else "")
-                + (f",rp{self.rp:g}" if self.rp != 1.0 else "") + (f",nr{self.ngram}" if self.ngram else ""))
+                + (f",rp{self.rp:g}" if self.rp != 1.0 else "") + (f",nr{self.ngram}" if self.ngram else "")
+                + (f",s{self.scale:g}" if self.scale != 1.0 else ""))
 
 
 @dataclass
@@ -88,7 +90,8 @@ def sweep_job(job: SweepJob) -> dict:
     out = {"user_id": user.user_id, "generated": 0, "cached": 0, "keys": {}}
     for p in job.grid:
         stats = generate_user(user, queries, ("oppu", job.method), ad,
-                              Decoding(p.alpha, p.tau, base_dec.max_tokens, p.protect, p.rp, p.ngram), results, done)
+                              Decoding(p.alpha, p.tau, base_dec.max_tokens, p.protect, p.rp, p.ngram, p.scale),
+                              results, done)
         out["generated"] += stats["generated"]
         out["cached"] += stats["cached"]
         out["keys"][p.name] = [[*k, v] for k, v in stats["keys"].items()]
@@ -177,7 +180,8 @@ def parse_grid(text: str, what: str, *, number=float, high: float = 10) -> list:
 
 def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, outputs: str | None = None,
               jobs: int = 1, command: str = "", protects: list[str] = ("none",), users: int | None = None,
-              method: str = "cope", penalties: list[float] = (1.0,), ngrams: list[int] = (0,)) -> dict:
+              method: str = "cope", penalties: list[float] = (1.0,), ngrams: list[int] = (0,),
+              scales: list[float] = (1.0,)) -> dict:
     from cope_local.eval.results import RESULTS, latest, read_rows, repair_tail
     from cope_local.eval.runner import run_jobs, select_users, train_config
     from cope_local.paths import atomic_write_text
@@ -191,7 +195,8 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     everyone, selected = select_users(cfg)
     attributor = attributor_for(everyone)
     train = train_config(cfg)
-    grid = [GridPoint(a, t, p, r, n) for a in alphas for t in taus for p in protects for r in penalties for n in ngrams]
+    grid = [GridPoint(a, t, p, r, n, s) for a in alphas for t in taus for p in protects for r in penalties for n in ngrams
+            for s in scales]
     repair_tail(out_dir(cfg) / RESULTS)
     if method not in ("cope", "oppu+cd"):
         raise CopeError(f"--method {method!r}: sweep cope or oppu+cd")
@@ -200,9 +205,10 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     tam = "none (--no-tam)" if cfg.no_tam else "2-fold split (see table.md)"
     lines = ["# cope eval sweep", "", f"- command: `{command}`", f"- data: {cfg.data}; users: {len(selected)}; TAM: {tam}", "",
              f"- swept: {method} against oppu (the SFT adapter decoded alone)", "",
-             ("| alpha | tau | protect | rep. penalty | no-repeat n | CoPe ROUGE-L | OPPU ROUGE-L | CoPe - OPPU (query CI) | (user CI) "
-              "| CoPe attribution | OPPU attribution | attribution CoPe - OPPU (query CI) | CoPe words | OPPU words |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("| alpha | tau | protect | rep. penalty | no-repeat n | adapter scale | CoPe ROUGE-L | OPPU ROUGE-L "
+              "| CoPe - OPPU (query CI) | (user CI) | CoPe attribution | OPPU attribution "
+              "| attribution CoPe - OPPU (query CI) | CoPe words | OPPU words |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     points, point_rows = {}, {}
     for p in grid:
         name = p.name
@@ -214,15 +220,15 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
             continue
         point_rows[name] = rows
         cells, points[name] = compared
-        lines.append(f"| {p.alpha:g} | {p.tau:g} | {p.protect} | {p.rp:g} | {p.ngram or 'off'} | {cells}")
+        lines.append(f"| {p.alpha:g} | {p.tau:g} | {p.protect} | {p.rp:g} | {p.ngram or 'off'} | {p.scale:g} | {cells}")
         points[name] |= {"alpha": p.alpha, "tau": p.tau, "protect": p.protect, "repetition_penalty": p.rp,
-                         "no_repeat_ngram": p.ngram}
+                         "no_repeat_ngram": p.ngram, "adapter_scale": p.scale}
     if len(point_rows) > 1:  # a per-user choice of the grid point, cross-fitted on each user's own queries
         chosen = per_user_choice(point_rows, method)
         cells, points["per-user"] = compare_to_oppu(chosen, method)
         picks = sorted({r["chosen_point"] for r in chosen})
         points["per-user"]["points_chosen"] = picks
-        lines.append(f"| per user | per user | | | | {cells}")
+        lines.append(f"| per user | per user | | | | | {cells}")
         lines += ["", ("per user: each user's point is the one with the best mean ROUGE-L on the other half of that "
                        "user's queries (2-fold, halves by hash of the query id), so no query is scored under a setting "
                        f"chosen on itself; points chosen: {', '.join(picks)}")]

@@ -1,0 +1,142 @@
+"""`cope eval compare`: rows of different runs, methods or grid points side by side, paired by query.
+
+A training variant lives in a --out folder of its own (its adapters replace the folder's), so the
+question issue 7 asks of every variant, "does it beat OPPU at the paper's settings, and the base,
+on the same queries?", pairs rows across folders. A side is written
+
+    DIR:METHOD[:KEY=VALUE,...]      e.g.  eval-out/strong:oppu+cd:alpha=0.3,adapter_scale=0.5
+
+and means the rows of DIR/results.jsonl for METHOD whose settings hold those values, with the
+decoding options not named at their defaults (SETTING_DEFAULTS; a row leaves out an option at its
+default): `DIR:oppu` is plain OPPU, not OPPU under a sweep's repetition penalty. For each (user,
+query) the last matching row written counts. The first side is the reference:
+every other side gets paired bootstrap CIs of its difference to it, over the queries both have.
+The style classifier is trained on the histories of the first run's users (its eval.json).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cope_local.errors import CopeError
+from cope_local.eval.generate import SETTING_DEFAULTS
+
+
+@dataclass
+class Side:
+    spec: str  # as given
+    folder: Path  # a `cope eval run` --out folder
+    method: str  # a row's method (generate.METHODS)
+    where: dict  # settings the rows must hold
+
+    @property
+    def label(self) -> str:
+        where = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.where.items())
+        return f"{self.folder.name}:{self.method}" + (f":{where}" if where else "")
+
+
+def _value(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_side(spec: str) -> Side:
+    from cope_local.eval.generate import METHODS
+
+    parts = spec.split(":")
+    where = {}
+    if len(parts) >= 3 and "=" in parts[-1]:
+        for pair in parts.pop().split(","):
+            key, eq, value = pair.partition("=")
+            if not eq or not key.strip():
+                raise CopeError(f"{spec}: {pair!r} is not KEY=VALUE; write DIR:METHOD:alpha=0.3,adapter_scale=0.5")
+            where[key.strip()] = _value(value.strip())
+    if len(parts) < 2 or parts[-1] not in METHODS:
+        raise CopeError(f"{spec}: write DIR:METHOD[:KEY=VALUE,...] with METHOD one of {', '.join(METHODS)}")
+    method, folder = parts[-1], Path(":".join(parts[:-1])).expanduser()
+    if not (folder / "results.jsonl").exists():
+        raise CopeError(f"{folder / 'results.jsonl'}: no such file; give a folder written by `cope eval run --out`")
+    return Side(spec, folder, method, where)
+
+
+def matches(row: dict, side: Side) -> bool:
+    if row["method"] != side.method:
+        return False
+    settings = row["settings"]
+    for key, want in {**SETTING_DEFAULTS, **side.where}.items():  # options not named must be at their defaults
+        have = settings.get(key, SETTING_DEFAULTS.get(key))
+        if have != want and not (isinstance(want, float) and isinstance(have, (int, float)) and float(have) == want):
+            return False
+    return True
+
+
+def side_rows(side: Side) -> list[dict]:
+    """The side's rows, one per (user, query) (the last written), relabelled: method = side.label."""
+    from cope_local.eval.results import read_rows
+
+    out = {}
+    for r in read_rows(side.folder / "results.jsonl"):
+        if matches(r, side):
+            out[(r["user_id"], r["query_id"])] = {**r, "method": side.label}
+    if not out:
+        raise CopeError(f"{side.spec}: no rows of method {side.method} with {side.where or 'any settings'} in "
+                        f"{side.folder / 'results.jsonl'}; check the method and settings (a row's \"settings\")")
+    return list(out.values())
+
+
+def _everyone(folder: Path):
+    from cope_local.eval.data import load_users
+
+    info_path = folder / "eval.json"
+    if not info_path.exists():
+        raise CopeError(f"{info_path}: no such file; the first side must be a folder of `cope eval run`")
+    info = json.loads(info_path.read_text())
+    return load_users(info["data"], info.get("outputs"), holdout=info.get("holdout") or 0)
+
+
+def compare(specs: list[str]) -> tuple[str, dict]:
+    """(markdown, figures) for sides[1:] against sides[0] on the (user, query) pairs every side has."""
+    from cope_local.eval.metrics import paired, summarize
+    from cope_local.eval.report import attribute, ci, kind_lines
+
+    if len(specs) < 2:
+        raise CopeError("cope eval compare: give at least two sides (the first is the reference)")
+    sides = [parse_side(s) for s in specs]
+    labels = [s.label for s in sides]
+    if len(set(labels)) != len(labels):
+        raise CopeError(f"cope eval compare: two sides are the same ({', '.join(labels)})")
+    per_side = [side_rows(s) for s in sides]
+    shared = set.intersection(*({(r["user_id"], r["query_id"]) for r in rows} for rows in per_side))
+    rows = [r for side in per_side for r in side if (r["user_id"], r["query_id"]) in shared]
+    if not rows:
+        raise CopeError("cope eval compare: the sides share no query; compare runs on the same --data and --holdout")
+    ceiling = attribute(rows, _everyone(sides[0].folder))
+    summary = summarize(rows, labels)
+    users = len({k[0] for k in shared})
+    lines = [f"# cope eval compare ({users} users, {len(shared)} queries that every side has)", "",
+             "| side | ROUGE-1 | ROUGE-L [95 % CI] | attribution [95 % CI] | words | length ratio |", "|---|---|---|---|---|---|"]
+    figures: dict = {"users": users, "queries": len(shared), "attribution_of_real_texts": ceiling.mean, "sides": {}}
+    for label in labels:
+        s = summary[label]
+        lines.append(f"| {label} | {s.rouge1:.3f} | {s.rougeL:.3f} {ci(s.rougeL_ci)} | {s.attribution.mean:.3f} "
+                     f"{ci(s.attribution)} | {s.words:.1f} | {s.length_ratio:.2f} |")
+        figures["sides"][label] = {"rouge1": s.rouge1, "rougeL": s.rougeL, "attribution": s.attribution.mean,
+                                   "words": s.words, "length_ratio": s.length_ratio}
+    lines += [f"| (real texts) | | | {ceiling.mean:.3f} {ci(ceiling)} | | 1.00 |", "",
+              f"Paired differences to {labels[0]} (95 % CI; query bootstrap, then user bootstrap):", "",
+              "| side | ROUGE-L | ROUGE-L, users | attribution | same output |", "|---|---|---|---|---|"]
+    ref_out = {(r["user_id"], r["query_id"]): r["output"] for r in per_side[0]}
+    for label, side in zip(labels[1:], per_side[1:]):
+        (q, u, n), (aq, _, _) = paired(rows, label, labels[0]), paired(rows, label, labels[0], "attr")
+        same = sum(ref_out[(r["user_id"], r["query_id"])] == r["output"] for r in side
+                   if (r["user_id"], r["query_id"]) in shared)
+        lines.append(f"| {label} | {q.fmt()} | [{u.low:+.3f}, {u.high:+.3f}] | {aq.fmt()} | {same} of {n} |")
+        figures["sides"][label] |= {"diff": q.mean, "query_ci": [q.low, q.high], "user_ci": [u.low, u.high],
+                                    "attribution_diff": aq.mean, "attribution_diff_ci": [aq.low, aq.high],
+                                    "same_output": same}
+    lines += kind_lines(rows, [(label, labels[0]) for label in labels[1:]])
+    return "\n".join(lines) + "\n", figures
