@@ -200,6 +200,13 @@ def _eval_env(monkeypatch, pytestconfig):
     monkeypatch.setenv("COPE_THREADS", "1")
 
 
+def test_drop_mentions_removes_handles_only():
+    from cope_local.eval.compare import drop_mentions
+
+    assert drop_mentions("@ann_1 lol  yes @Bob! mail me@home.org") == "lol yes ! mail me@home.org"
+    assert drop_mentions("@only") == ""
+
+
 def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env):
     from cope_local.cli import main
     from cope_local.eval.generate import METHODS
@@ -329,6 +336,10 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     zero = sides["out:oppu:adapter_scale=0"]  # the base's own texts: no difference at all
     assert zero["same_output"] == 4 and zero["diff"] == 0 and zero["query_ci"] == [0, 0]
     assert "| out:oppu+cd:alpha=0.5,protect=none - out:base |" in (tmp_path / "cmp.md").read_text()
+    # without @handles (these tweets have none): the same figures, said so
+    assert main(["eval", "compare", f"{out}:base", f"{other}:cope:alpha=0.1", "--drop-mentions", "--json"]) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert bare["mentions"] is False and bare["sides"]["other:cope:alpha=0.1"] == sides["other:cope:alpha=0.1"]
     assert main(["eval", "compare", f"{out}:base", f"{out}:cope:alpha=0.9"]) == 2  # no such rows
     assert "no rows of method cope" in capsys.readouterr().err
     assert main(["eval", "compare", f"{out}:base", f"{out}:nope"]) == 2

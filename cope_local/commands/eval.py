@@ -76,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "this is how it meets the others.")
     c.add_argument("sides", nargs="+", metavar="SIDE", help="DIR:METHOD[:KEY=VALUE,...]; the first is the reference")
     c.add_argument("--report", default=None, metavar="FILE.md", help="also write the tables to FILE.md")
+    c.add_argument("--drop-mentions", action="store_true",
+                   help="score every text without its @handles (outputs, references, the style classifier's "
+                        "histories): what a gain is beside guessing whom the user addresses")
     c.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     c.set_defaults(func=cmd_eval_compare)
 
@@ -157,7 +160,7 @@ def cmd_eval_compare(args) -> int:
     from cope_local.eval.compare import compare
     from cope_local.paths import atomic_write_text
 
-    text, figures = compare(args.sides)
+    text, figures = compare(args.sides, mentions=not args.drop_mentions)
     if args.report:
         atomic_write_text(Path(args.report).expanduser(), text, mode=0o644)
     print(json.dumps(figures, ensure_ascii=False) if args.json else text, end="\n" if args.json else "")

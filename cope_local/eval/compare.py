@@ -12,16 +12,28 @@ default): `DIR:oppu` is plain OPPU, not OPPU under a sweep's repetition penalty.
 query) the last matching row written counts. The first side is the reference:
 every other side gets paired bootstrap CIs of its difference to it, over the queries both have.
 The style classifier is trained on the histories of the first run's users (its eval.json).
+
+`--drop-mentions` scores every text with its @handles removed (outputs, references and the
+classifier's training histories alike): on LaMP-7 most real tweets open with an @mention that the
+paraphrased input does not name, so an adapter that learned whom its user talks to gains ROUGE
+and attribution from the handle alone; this shows what is left beside it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cope_local.errors import CopeError
 from cope_local.eval.generate import SETTING_DEFAULTS
+
+MENTION = re.compile(r"(?<!\w)@\w+")  # a Twitter-style @handle
+
+
+def drop_mentions(text: str) -> str:
+    return " ".join(MENTION.sub(" ", text).split())
 
 
 @dataclass
@@ -98,10 +110,29 @@ def _everyone(folder: Path):
     return load_users(info["data"], info.get("outputs"), holdout=info.get("holdout") or 0)
 
 
-def compare(specs: list[str]) -> tuple[str, dict]:
-    """(markdown, figures) for sides[1:] against sides[0] on the (user, query) pairs every side has."""
+def _without_mentions(rows: list[dict]) -> None:
+    from cope_local.eval.metrics import rouge
+
+    for r in rows:
+        r["output"], r["reference"] = drop_mentions(r["output"]), drop_mentions(r["reference"])
+        r |= {k: round(v, 6) for k, v in rouge(r["output"], r["reference"]).items()}
+
+
+def _attribute(rows: list[dict], everyone, mentions: bool):
+    """report.attribute, with the classifier's histories stripped of @handles when the rows are."""
+    from cope_local.eval.report import attribute
+
+    if mentions:
+        return attribute(rows, everyone)
+    stripped = [replace(u, history=[replace(i, output=drop_mentions(i.output)) for i in u.history]) for u in everyone]
+    return attribute(rows, stripped)
+
+
+def compare(specs: list[str], *, mentions: bool = True) -> tuple[str, dict]:
+    """(markdown, figures) for sides[1:] against sides[0] on the (user, query) pairs every side has;
+    mentions=False: every text scored without its @handles."""
     from cope_local.eval.metrics import paired, summarize
-    from cope_local.eval.report import attribute, ci, kind_lines
+    from cope_local.eval.report import ci, kind_lines
 
     if len(specs) < 2:
         raise CopeError("cope eval compare: give at least two sides (the first is the reference)")
@@ -114,12 +145,16 @@ def compare(specs: list[str]) -> tuple[str, dict]:
     rows = [r for side in per_side for r in side if (r["user_id"], r["query_id"]) in shared]
     if not rows:
         raise CopeError("cope eval compare: the sides share no query; compare runs on the same --data and --holdout")
-    ceiling = attribute(rows, _everyone(sides[0].folder))
+    if not mentions:
+        _without_mentions(rows)
+    ceiling = _attribute(rows, _everyone(sides[0].folder), mentions)
     summary = summarize(rows, labels)
     users = len({k[0] for k in shared})
-    lines = [f"# cope eval compare ({users} users, {len(shared)} queries that every side has)", "",
+    lines = [f"# cope eval compare ({users} users, {len(shared)} queries that every side has"
+             + ("" if mentions else "; every text without its @handles") + ")", "",
              "| side | ROUGE-1 | ROUGE-L [95 % CI] | attribution [95 % CI] | words | length ratio |", "|---|---|---|---|---|---|"]
-    figures: dict = {"users": users, "queries": len(shared), "attribution_of_real_texts": ceiling.mean, "sides": {}}
+    figures: dict = {"users": users, "queries": len(shared), "mentions": mentions,
+                     "attribution_of_real_texts": ceiling.mean, "sides": {}}
     for label in labels:
         s = summary[label]
         lines.append(f"| {label} | {s.rouge1:.3f} | {s.rougeL:.3f} {ci(s.rougeL_ci)} | {s.attribution.mean:.3f} "
