@@ -392,6 +392,12 @@ def test_a_user_with_too_little_history_is_skipped_not_fatal(tmp_path, capsys, n
     assert summary["users"] == 1 and list(summary["skipped"]) == ["dup"] and "need at least 8" in summary["skipped"]["dup"]
     assert {r["user_id"] for r in read_rows(out / "results.jsonl")} == {"ann"}
     assert "- skipped: dup (" in (out / "table.md").read_text()
+    # a sweep on that run skips the same user and names it (it used to stop at the user's missing adapters)
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--method", "oppu+cd", "--alpha", "0.5",
+                 "--tau", "0.1", "--json"]) == 0
+    sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sweep["users"] == 1 and list(sweep["skipped"]) == ["dup"] and sweep["generated"] == 2
+    assert "- skipped: dup (" in (out / "sweep.md").read_text()
 
 
 def test_sweep_without_a_run_says_what_to_do(tmp_path, capsys):

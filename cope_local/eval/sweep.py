@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from cope_local.errors import CopeError
+from cope_local.errors import CopeError, TooFewItems
 from cope_local.eval.runner import EvalConfig, out_dir
 
 HINT = "run `cope eval run` first"
@@ -79,6 +79,11 @@ def sweep_job(job: SweepJob) -> dict:
     if not cfg.no_tam and not (tam_dir(cfg, user.fold) / "tam.json").exists():
         raise CopeError(f"{tam_dir(cfg, user.fold)}: the TAM for user {user.user_id} is missing; {HINT}")
     ws = user_workspace(cfg, user)
+    try:  # the run skipped a user with too little history (runner._job_user): so does the sweep
+        ws.check_size(len(ws.items()), "history items")
+    except TooFewItems as e:
+        return {"user_id": user.user_id, "generated": 0, "cached": 0, "keys": {p.name: [] for p in job.grid},
+                "skipped": str(e)}
     if not (ws.stages_dir / "sft.json").exists():
         raise CopeError(f"{ws.path}: the adapters for user {user.user_id} are missing; {HINT}")
     pipe = Pipeline(ws, user_train_config(cfg, job.train, user), progress=False)
@@ -203,7 +208,10 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     res = run_jobs([SweepJob(cfg, train, u, grid, method) for u in selected], jobs, fn=sweep_job)
     rows_all = read_rows(out_dir(cfg) / RESULTS)
     tam = "none (--no-tam)" if cfg.no_tam else "2-fold split (see table.md)"
-    lines = ["# cope eval sweep", "", f"- command: `{command}`", f"- data: {cfg.data}; users: {len(selected)}; TAM: {tam}", "",
+    skipped = {r["user_id"]: r["skipped"] for r in res if r.get("skipped")}
+    lines = ["# cope eval sweep", "", f"- command: `{command}`",
+             f"- data: {cfg.data}; users: {len(selected) - len(skipped)}; TAM: {tam}",
+             *[f"- skipped: {u} ({why})" for u, why in skipped.items()], "",
              f"- swept: {method} against oppu (the SFT adapter decoded alone)", "",
              ("| alpha | tau | protect | rep. penalty | no-repeat n | adapter scale | CoPe ROUGE-L | OPPU ROUGE-L "
               "| CoPe - OPPU (query CI) | (user CI) | CoPe attribution | OPPU attribution "
@@ -233,6 +241,7 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
                        "user's queries (2-fold, halves by hash of the query id), so no query is scored under a setting "
                        f"chosen on itself; points chosen: {', '.join(picks)}")]
     atomic_write_text(out_dir(cfg) / "sweep.md", "\n".join(lines) + "\n", mode=0o644)
-    return {"out": str(out_dir(cfg)), "users": len(selected), "generated": sum(r["generated"] for r in res),
+    return {"out": str(out_dir(cfg)), "users": len(selected) - len(skipped), "skipped": skipped,
+            "generated": sum(r["generated"] for r in res),
             "cached": sum(r["cached"] for r in res), "points": points, "seconds": round(time.monotonic() - t0, 1)}
 
