@@ -43,6 +43,13 @@ def test_draft_json_with_adapter_in_cope_mode_reads_stdin(adapter):
     plain = json.loads(cope("draft", "Write one sentence about the sea.", "--adapter", str(adapter), "--max-tokens", "16",
                             "--json").stdout)
     assert plain["mode"] == "user" and plain["text"].strip()
+    # --adapter-scale 0: the adapter's update weighs nothing, so the text is the base model's
+    zero = json.loads(cope("draft", "Write one sentence about the sea.", "--adapter", str(adapter), "--max-tokens", "16",
+                           "--adapter-scale", "0", "--json").stdout)
+    base = json.loads(cope("draft", "Write one sentence about the sea.", "--max-tokens", "16", "--json").stdout)
+    assert zero["mode"] == "user" and zero["adapter_scale"] == 0 and zero["text"] == base["text"] != plain["text"]
+    bad = cope("draft", "Hi", "--adapter", str(adapter), "--adapter-scale", "9")
+    assert bad.returncode == 2 and "--adapter-scale 9: give a weight between 0 and 4" in bad.stderr
 
 
 def test_drafting_never_imports_torch_or_transformers_nor_touches_the_network(adapter):

@@ -336,6 +336,12 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     zero = sides["out:oppu:adapter_scale=0"]  # the base's own texts: no difference at all
     assert zero["same_output"] == 4 and zero["diff"] == 0 and zero["query_ci"] == [0, 0]
     assert "| out:oppu+cd:alpha=0.5,protect=none - out:base |" in (tmp_path / "cmp.md").read_text()
+    # the sweep's per-user rows (its last run: alpha 0.1 or 0.5 per user) are a side too, as they are
+    assert main(["eval", "compare", f"{out}:cope:alpha=0.1", f"{out}:cope:alpha=0.5",
+                 f"{out}/sweep-per-user.jsonl:cope", "--json"]) == 0
+    picks = json.loads(capsys.readouterr().out)["sides"]
+    low, high = sorted(picks[f"out:cope:alpha={a}"]["rougeL"] for a in ("0.1", "0.5"))
+    assert low <= picks["out/sweep-per-user:cope"]["rougeL"] <= high
     # without @handles (these tweets have none): the same figures, said so
     assert main(["eval", "compare", f"{out}:base", f"{other}:cope:alpha=0.1", "--drop-mentions", "--json"]) == 0
     bare = json.loads(capsys.readouterr().out)

@@ -14,6 +14,8 @@ def add_decoding_args(p) -> None:
                         "user: the adapter alone (default for other adapters); base: no adapter")
     p.add_argument("--alpha", type=float, default=None, help="contrast strength (default: the task's)")
     p.add_argument("--tau", type=float, default=0.1, help="head set: p_user >= tau * max p_user (default 0.1)")
+    p.add_argument("--adapter-scale", type=float, default=1.0, metavar="S",
+                   help="weight of your adapter's update in the expert: 1 as trained (default), 0.5 half, 0 the base")
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens at most (default: the task's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass when sampling (default 0.95)")
@@ -86,12 +88,16 @@ def cmd_draft(args) -> int:
     cfg = gen_config(args, task)
     if adapter is None and cfg.mode is None:
         print("cope: no adapter given (--profile or --adapter): drafting with the base model (mode base)", file=sys.stderr)
-    with Decoder(model, adapter, tam=tam, n_ctx=args.ctx, threads=args.threads, gpu_layers=args.gpu_layers, force=args.force) as dec:
+    if not 0 <= args.adapter_scale <= 4:
+        raise CopeError(f"--adapter-scale {args.adapter_scale:g}: give a weight between 0 and 4 (1 = as trained)")
+    with Decoder(model, adapter, tam=tam, adapter_scale=args.adapter_scale, n_ctx=args.ctx, threads=args.threads,
+                 gpu_layers=args.gpu_layers, force=args.force) as dec:
         messages = task.draft_messages(text)
         if args.json:
             g = dec.generate(messages, cfg)
             out = {"text": g.text, "mode": g.mode, "stop_reason": g.stop_reason, "prompt_tokens": g.n_prompt,
-                   "new_tokens": g.steps, "alpha": cfg.alpha, "tau": cfg.tau, "adapter": str(adapter) if adapter else None}
+                   "new_tokens": g.steps, "alpha": cfg.alpha, "tau": cfg.tau, "adapter": str(adapter) if adapter else None,
+                   "adapter_scale": args.adapter_scale}
             print(json.dumps(out, ensure_ascii=False))
         else:
             dec.generate(messages, cfg, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))

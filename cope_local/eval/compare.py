@@ -9,7 +9,9 @@ on the same queries?", pairs rows across folders. A side is written
 and means the rows of DIR/results.jsonl for METHOD whose settings hold those values, with the
 decoding options not named at their defaults (SETTING_DEFAULTS; a row leaves out an option at its
 default): `DIR:oppu` is plain OPPU, not OPPU under a sweep's repetition penalty. For each (user,
-query) the last matching row written counts. The first side is the reference:
+query) the last matching row written counts. A side may name a rows file instead of a folder,
+`DIR/sweep-per-user.jsonl:oppu+cd` (what `cope eval sweep` chose per user): such a file is already
+a selection, so only the values named filter it. The first side is the reference:
 every other side gets paired bootstrap CIs of its difference to it, over the queries both have.
 The style classifier is trained on the histories of the first run's users (its eval.json).
 
@@ -39,14 +41,24 @@ def drop_mentions(text: str) -> str:
 @dataclass
 class Side:
     spec: str  # as given
-    folder: Path  # a `cope eval run` --out folder
+    path: Path  # a `cope eval run` --out folder, or a rows file (a selection, e.g. the sweep's per-user rows)
     method: str  # a row's method (generate.METHODS)
     where: dict  # settings the rows must hold
 
     @property
+    def folder(self) -> Path:
+        """The run's folder (its eval.json)."""
+        return self.path.parent if self.path.is_file() else self.path
+
+    @property
+    def rows_file(self) -> Path:
+        return self.path if self.path.is_file() else self.path / "results.jsonl"
+
+    @property
     def label(self) -> str:
         where = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.where.items())
-        return f"{self.folder.name}:{self.method}" + (f":{where}" if where else "")
+        name = f"{self.folder.name}/{self.path.stem}" if self.path.is_file() else self.path.name
+        return f"{name}:{self.method}" + (f":{where}" if where else "")
 
 
 def _value(text: str):
@@ -69,17 +81,18 @@ def parse_side(spec: str) -> Side:
             where[key.strip()] = _value(value.strip())
     if len(parts) < 2 or parts[-1] not in METHODS:
         raise CopeError(f"{spec}: write DIR:METHOD[:KEY=VALUE,...] with METHOD one of {', '.join(METHODS)}")
-    method, folder = parts[-1], Path(":".join(parts[:-1])).expanduser()
-    if not (folder / "results.jsonl").exists():
-        raise CopeError(f"{folder / 'results.jsonl'}: no such file; give a folder written by `cope eval run --out`")
-    return Side(spec, folder, method, where)
+    method, path = parts[-1], Path(":".join(parts[:-1])).expanduser()
+    if not path.is_file() and not (path / "results.jsonl").exists():
+        raise CopeError(f"{path / 'results.jsonl'}: no such file; give a folder written by `cope eval run --out`")
+    return Side(spec, path, method, where)
 
 
 def matches(row: dict, side: Side) -> bool:
     if row["method"] != side.method:
         return False
     settings = row["settings"]
-    for key, want in {**SETTING_DEFAULTS, **side.where}.items():  # options not named must be at their defaults
+    wanted = side.where if side.path.is_file() else {**SETTING_DEFAULTS, **side.where}  # a folder: options not named
+    for key, want in wanted.items():                                                   # must be at their defaults
         have = settings.get(key, SETTING_DEFAULTS.get(key))
         if have != want and not (isinstance(want, float) and isinstance(have, (int, float)) and float(have) == want):
             return False
@@ -91,12 +104,12 @@ def side_rows(side: Side) -> list[dict]:
     from cope_local.eval.results import read_rows
 
     out = {}
-    for r in read_rows(side.folder / "results.jsonl"):
+    for r in read_rows(side.rows_file):
         if matches(r, side):
             out[(r["user_id"], r["query_id"])] = {**r, "method": side.label}
     if not out:
         raise CopeError(f"{side.spec}: no rows of method {side.method} with {side.where or 'any settings'} in "
-                        f"{side.folder / 'results.jsonl'}; check the method and settings (a row's \"settings\")")
+                        f"{side.rows_file}; check the method and settings (a row's \"settings\")")
     return list(out.values())
 
 

@@ -21,6 +21,7 @@ from cope_local.errors import CopeError, TooFewItems
 from cope_local.eval.runner import EvalConfig, out_dir
 
 HINT = "run `cope eval run` first"
+PER_USER = "sweep-per-user.jsonl"  # the rows of the per-user choice (written with more than one grid point)
 
 
 class GridPoint(NamedTuple):
@@ -135,6 +136,12 @@ def per_user_choice(point_rows: dict[str, list[dict]], method: str, metric: str 
     return out
 
 
+def write_rows(path: Path, rows: list[dict]) -> None:
+    from cope_local.paths import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def compare_to_oppu(rows: list[dict], method: str) -> tuple[str, dict] | None:
     """`method` against oppu on the same queries -> (its sweep.md cells after the settings columns,
     its figures for --json); None when the rows hold no pair of them."""
@@ -233,13 +240,15 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
                          "no_repeat_ngram": p.ngram, "adapter_scale": p.scale}
     if len(point_rows) > 1:  # a per-user choice of the grid point, cross-fitted on each user's own queries
         chosen = per_user_choice(point_rows, method)
+        write_rows(out_dir(cfg) / PER_USER, chosen)
         cells, points["per-user"] = compare_to_oppu(chosen, method)
         picks = sorted({r["chosen_point"] for r in chosen})
         points["per-user"]["points_chosen"] = picks
         lines.append(f"| per user | per user | | | | | {cells}")
         lines += ["", ("per user: each user's point is the one with the best mean ROUGE-L on the other half of that "
                        "user's queries (2-fold, halves by hash of the query id), so no query is scored under a setting "
-                       f"chosen on itself; points chosen: {', '.join(picks)}")]
+                       f"chosen on itself; points chosen: {', '.join(picks)}; its rows: {PER_USER} (a side for "
+                       f"`cope eval compare {cfg.out}/{PER_USER}:{method}`)")]
     atomic_write_text(out_dir(cfg) / "sweep.md", "\n".join(lines) + "\n", mode=0o644)
     return {"out": str(out_dir(cfg)), "users": len(selected) - len(skipped), "skipped": skipped,
             "generated": sum(r["generated"] for r in res),
