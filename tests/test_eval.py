@@ -207,6 +207,16 @@ def test_drop_mentions_removes_handles_only():
     assert drop_mentions("@only") == ""
 
 
+
+def test_without_mentions_rescores_rows_on_the_text_beside_the_handles():
+    from cope_local.eval.compare import _without_mentions
+
+    rows = [{"output": "@bob see you at noon", "reference": "@ann see you at noon", "rouge1": 0.8, "rougeL": 0.8},
+            {"output": "@ann @ann @ann", "reference": "@ann lunch?", "rouge1": 0.5, "rougeL": 0.5}]
+    _without_mentions(rows)
+    assert [r["rougeL"] for r in rows] == [1.0, 0.0] and rows[1]["output"] == ""  # a chain of handles says nothing
+
+
 def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env):
     from cope_local.cli import main
     from cope_local.eval.generate import METHODS
@@ -396,6 +406,7 @@ def test_a_user_with_too_little_history_is_skipped_not_fatal(tmp_path, capsys, n
                  "--max-steps", "1", "--max-tokens", "4", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["users"] == 1 and list(summary["skipped"]) == ["dup"] and "need at least 8" in summary["skipped"]["dup"]
+    assert "cope profile delete" not in summary["skipped"]["dup"]  # no profile to delete: a benchmark user
     assert {r["user_id"] for r in read_rows(out / "results.jsonl")} == {"ann"}
     assert "- skipped: dup (" in (out / "table.md").read_text()
     # a sweep on that run skips the same user and names it (it used to stop at the user's missing adapters)

@@ -107,12 +107,17 @@ class Workspace:
         return read_items(self.items_path)
 
     def check_size(self, n: int, what: str) -> None:
+        from cope_local.paths import profiles_dir
         from cope_local.profile import MIN_ITEMS
 
         if n < MIN_ITEMS:
-            fix = (f"add more of your writing: create the profile again with more --from sources "
-                   f"(`cope profile delete {self.name}` first)" if self.kind == "profile"
-                   else "give --data a larger corpus")
+            if self.kind == "tam":
+                fix = "give --data a larger corpus"
+            elif self.path.parent == profiles_dir():
+                fix = (f"add more of your writing: create the profile again with more --from sources "
+                       f"(`cope profile delete {self.name}` first)")
+            else:  # a benchmark user's workspace (cope eval): nothing to add, the run skips the user
+                fix = "a benchmark user with so little history is skipped"
             raise TooFewItems(f"{self.items_path}: only {n} {what}, need at least {MIN_ITEMS} to learn a voice; {fix}")
 
     def train_command(self, stage: str) -> str:
