@@ -145,7 +145,7 @@ def compare(specs: list[str], *, mentions: bool = True) -> tuple[str, dict]:
     """(markdown, figures) for sides[1:] against sides[0] on the (user, query) pairs every side has;
     mentions=False: every text scored without its @handles."""
     from cope_local.eval.metrics import paired, summarize
-    from cope_local.eval.report import ci, kind_lines
+    from cope_local.eval.report import ci, kind_lines, same_outputs
 
     if len(specs) < 2:
         raise CopeError("cope eval compare: give at least two sides (the first is the reference)")
@@ -177,11 +177,9 @@ def compare(specs: list[str], *, mentions: bool = True) -> tuple[str, dict]:
     lines += [f"| (real texts) | | | {ceiling.mean:.3f} {ci(ceiling)} | | 1.00 |", "",
               f"Paired differences to {labels[0]} (95 % CI; query bootstrap, then user bootstrap):", "",
               "| side | ROUGE-L | ROUGE-L, users | attribution | same output |", "|---|---|---|---|---|"]
-    ref_out = {(r["user_id"], r["query_id"]): r["output"] for r in per_side[0]}
-    for label, side in zip(labels[1:], per_side[1:]):
+    for label in labels[1:]:
         (q, u, n), (aq, _, _) = paired(rows, label, labels[0]), paired(rows, label, labels[0], "attr")
-        same = sum(ref_out[(r["user_id"], r["query_id"])] == r["output"] for r in side
-                   if (r["user_id"], r["query_id"]) in shared)
+        same = same_outputs(rows, label, labels[0])
         lines.append(f"| {label} | {q.fmt()} | [{u.low:+.3f}, {u.high:+.3f}] | {aq.fmt()} | {same} of {n} |")
         figures["sides"][label] |= {"diff": q.mean, "query_ci": [q.low, q.high], "user_ci": [u.low, u.high],
                                     "attribution_diff": aq.mean, "attribution_diff_ci": [aq.low, aq.high],

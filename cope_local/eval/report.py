@@ -80,10 +80,14 @@ def kind_lines(rows: list[dict], comparisons=KIND_COMPARISONS) -> list[str]:
             cells.append(f"{res[0].fmt()} (n = {res[2]})" if res else "n/a")
         if cells[0] == "n/a":
             continue
-        out_b = {(r["user_id"], r["query_id"]): r["output"] for r in rows if r["method"] == b}
-        same = sum(1 for r in rows if r["method"] == a and out_b.get((r["user_id"], r["query_id"])) == r["output"])
-        lines.append(f"| {a} - {b} | " + " | ".join(cells) + f" | {same} |")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + f" | {same_outputs(rows, a, b)} |")
     return lines
+
+
+def same_outputs(rows: list[dict], a: str, b: str) -> int:
+    """How many queries methods a and b answer with the same text."""
+    out_b = {(r["user_id"], r["query_id"]): r["output"] for r in rows if r["method"] == b}
+    return sum(1 for r in rows if r["method"] == a and out_b.get((r["user_id"], r["query_id"])) == r["output"])
 
 
 def write_report(cfg, keys: dict, users, everyone=None, skipped: dict | None = None) -> dict:

@@ -73,6 +73,13 @@ def _locked(path: Path):
         os.close(fd)  # closing releases the lock
 
 
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    """A whole rows file at once (atomic, 0600: rows hold the user's text), e.g. a selection of rows."""
+    from cope_local.paths import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def append_row(path: str | Path, row: dict) -> None:
     data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
     with _locked(Path(path)) as fd:

@@ -1,11 +1,14 @@
-"""`cope eval sweep`: CoPe over a grid of (alpha, tau, protect), decoding only, on the adapters of a run.
+"""`cope eval sweep`: CoPe over a grid of decoding settings, decoding only, on the adapters of a run.
 
 The adapters, TAM split and settings come from OUT/eval.json and OUT/users/*/stages (written by
 `cope eval run`); nothing is trained. Rows go to the same results.jsonl (cached: a grid point
 already decoded is free), and sweep.md gives, per point, CoPe's pooled ROUGE-L and its
 difference to OPPU (the SFT adapter decoded alone) with paired bootstrap CIs, its authorship
 attribution accuracy (style.py) beside OPPU's, and its length. With more than one grid point it
-adds a per-user choice of the point, cross-fitted on each user's own queries (per_user_choice).
+adds a per-user choice of the point, cross-fitted on each user's own queries (per_user_choice),
+and writes its rows to sweep-per-user.jsonl (a side for `cope eval compare`). The grid: alpha, tau,
+protect, and for OPPU and the swept row alike the repetition penalty, no_repeat_ngram and the
+adapter's weight in the expert.
 """
 
 from __future__ import annotations
@@ -136,12 +139,6 @@ def per_user_choice(point_rows: dict[str, list[dict]], method: str, metric: str 
     return out
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    from cope_local.paths import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def compare_to_oppu(rows: list[dict], method: str) -> tuple[str, dict] | None:
     """`method` against oppu on the same queries -> (its sweep.md cells after the settings columns,
     its figures for --json); None when the rows hold no pair of them."""
@@ -194,7 +191,7 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
               jobs: int = 1, command: str = "", protects: list[str] = ("none",), users: int | None = None,
               method: str = "cope", penalties: list[float] = (1.0,), ngrams: list[int] = (0,),
               scales: list[float] = (1.0,)) -> dict:
-    from cope_local.eval.results import RESULTS, latest, read_rows, repair_tail
+    from cope_local.eval.results import RESULTS, latest, read_rows, repair_tail, write_rows
     from cope_local.eval.runner import run_jobs, select_users, train_config
     from cope_local.paths import atomic_write_text
 
