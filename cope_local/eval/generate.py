@@ -51,7 +51,7 @@ class Decoding:
     repetition_penalty: float = 1.0  # GenConfig.repetition_penalty, for every method (1 = off)
     no_repeat_ngram: int = 0  # GenConfig.no_repeat_ngram, for every method (0 = off)
     adapter_scale: float = 1.0  # the user adapter's weight in the expert (Decoder adapter_scale): 1 = as trained,
-    #                             0.5 = half its update; a strong adapter at a lower scale lies between it and the base
+    #                             0 = the base; 0.5 = half its update (on LaMP-7 not a milder adapter: README)
 
 
 # Settings a row leaves out when they are at these values, so rows made before each option existed stay valid
