@@ -128,7 +128,7 @@ def test_held_out_items_whose_input_gives_the_text_away_are_not_queries(tmp_path
 
     from cope_local.eval.runner import holdout_queries
     from cope_local.tasks import get_task
-    from cope_local.tasks.registry import PARAPHRASE_PROMPT, gives_away
+    from cope_local.tasks.registry import gives_away, paraphrase_messages
     from cope_local.train.paraphrase import Paraphraser
 
     path = tmp_path / "users.jsonl"
@@ -140,7 +140,7 @@ def test_held_out_items_whose_input_gives_the_text_away_are_not_queries(tmp_path
     key = Paraphraser(default_model, cache).key
     answers = {copied.output: f"So: {copied.output.upper()} ! Rewritten:",
                paraphrased.output: "I have no plans for the weekend."}
-    cache.write_text("".join(json.dumps({"key": key(PARAPHRASE_PROMPT.format(text=t)), "text": a}) + "\n"
+    cache.write_text("".join(json.dumps({"key": key(paraphrase_messages(t)), "text": a}) + "\n"
                              for t, a in answers.items()), encoding="utf-8")
     queries = holdout_queries(user, SimpleNamespace(task=get_task(user.task), path=tmp_path), default_model)
     assert [(q.reference, q.kind) for q in queries] == [(paraphrased.output, "holdout")]

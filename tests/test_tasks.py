@@ -6,7 +6,7 @@ import pytest
 
 from cope_local.errors import CopeError
 from cope_local.ingest import HistoryItem
-from cope_local.tasks import PARAPHRASE_PROMPT, TASKS, get_task, list_tasks, topic_of
+from cope_local.tasks import PARAPHRASE_EXAMPLES, TASKS, echoes_example, get_task, list_tasks, paraphrase_messages, topic_of
 
 
 def item(output, input=None, **meta):
@@ -67,13 +67,16 @@ def test_paraphrase_inputs_are_made_by_the_given_generate():
         t.make_inputs(items)
     prompts = []
 
-    def generate(prompt: str) -> str:  # deterministic stand-in for the base model
-        prompts.append(prompt)
-        text = prompt.rsplit("Text: ", 1)[1].split("\nRewritten:")[0]
+    def generate(messages: list) -> str:  # deterministic stand-in for the base model
+        prompts.append(messages)
+        text = messages[-1]["content"].rsplit("Text: ", 1)[1]
         return "Rewritten: The harbor looks pretty tonight.\n\nextra" if "harbor" in text else text  # 2nd: a copy
 
     made = t.make_inputs(items, generate)
-    assert prompts[0] == PARAPHRASE_PROMPT.format(text="omg the harbor is SO pretty tonight")
+    assert prompts[0] == paraphrase_messages("omg the harbor is SO pretty tonight")
+    # the examples are earlier turns of the chat, answered; the text is the last user turn
+    assert [m["role"] for m in prompts[0]] == ["user", "assistant", "user", "assistant", "user"]
+    assert prompts[0][1]["content"] == PARAPHRASE_EXAMPLES[0][1] and prompts[0][-1]["content"].endswith("SO pretty tonight")
     assert [(m.input, m.meta.get("input_from")) for m in made] == [
         ("The harbor looks pretty tonight.", "generated"), ("same old same old", "generated-copy"), ("already has one", None)]
     assert t.training_pair(made[0]) == (
@@ -81,6 +84,10 @@ def test_paraphrase_inputs_are_made_by_the_given_generate():
         "omg the harbor is SO pretty tonight")
     refused = t.make_inputs([items[0]], lambda p: "I'm sorry, I can't help with that.")
     assert refused[0].meta["input_from"] == "generated-copy"
+    # an answer that repeats an example's rewrite answered the examples, not the text: not an input
+    echoed = t.make_inputs([items[0]], lambda p: "It is raining again. This summer has been very bad. Nice harbor.")
+    assert echoed[0].meta["input_from"] == "generated-copy" and echoes_example(" it is raining again this summer has been very bad")
+    assert not echoes_example("The harbor looks pretty tonight.")
 
 
 def test_headline_without_article_is_dropped():

@@ -8,15 +8,18 @@
 
 from cope_local.tasks.registry import (
     DEFAULT_TASK,
-    PARAPHRASE_PROMPT,
+    PARAPHRASE_EXAMPLES,
+    PARAPHRASE_INSTRUCTION,
     TASKS,
     Messages,
     Task,
     clean_generated,
+    echoes_example,
     get_task,
     list_tasks,
+    paraphrase_messages,
     topic_of,
 )
 
-__all__ = ["DEFAULT_TASK", "PARAPHRASE_PROMPT", "TASKS", "Messages", "Task", "clean_generated", "get_task",
-           "list_tasks", "topic_of"]
+__all__ = ["DEFAULT_TASK", "PARAPHRASE_EXAMPLES", "PARAPHRASE_INSTRUCTION", "TASKS", "Messages", "Task",
+           "clean_generated", "echoes_example", "get_task", "list_tasks", "paraphrase_messages", "topic_of"]

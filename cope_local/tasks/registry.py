@@ -25,17 +25,38 @@ from cope_local.ingest.items import DEFAULT_INPUT_FIELDS, DEFAULT_TARGET_FIELDS,
 Messages = list[dict[str, str]]
 MAIL_INPUTS = {"in-reply-to", "quoted", "subject-match"}  # input_from values meaning "the mail replied to"
 
-# 2-shot: a 135M instruct model refuses or copies with a zero-shot paraphrase prompt (shared/notes/pilot-lamp7.md).
-PARAPHRASE_PROMPT = (
-    "Rewrite the text in plain, neutral words. Keep the meaning; drop the style. "
-    "Answer with the rewritten text only.\n\n"
-    "Text: omg cant believe its raining AGAIN. worst summer ever lol\n"
-    "Rewritten: It is raining again. This summer has been very bad.\n\n"
-    "Text: just finished my first 10k!!! legs are jelly but SO worth it\n"
-    "Rewritten: I finished my first 10-kilometre run. My legs are tired, but it was worth it.\n\n"
-    "Text: {text}\n"
-    "Rewritten:"
+# 2-shot, as chat turns: a 135M instruct model refuses or copies with a zero-shot paraphrase prompt
+# (shared/notes/pilot-lamp7.md), and with both examples inside one message it answered with the first
+# example's rewrite instead: 1,035 of the 2,312 LaMP-7 dev training inputs of sessions 1-6 were "It is
+# raining again. This summer has been very bad." (16 of 40 tweets tried; as turns: 0 of 40, README).
+PARAPHRASE_INSTRUCTION = ("Rewrite the text in plain, neutral words. Keep the meaning; drop the style. "
+                          "Answer with the rewritten text only.\n\nText: ")
+PARAPHRASE_EXAMPLES = (
+    ("omg cant believe its raining AGAIN. worst summer ever lol", "It is raining again. This summer has been very bad."),
+    ("just finished my first 10k!!! legs are jelly but SO worth it",
+     "I finished my first 10-kilometre run. My legs are tired, but it was worth it."),
 )
+
+
+def paraphrase_messages(text: str) -> Messages:
+    """The chat the base model answers with a neutral paraphrase of `text`: the examples as earlier turns."""
+    turns: Messages = []
+    for example, rewritten in PARAPHRASE_EXAMPLES:
+        turns += [{"role": "user", "content": PARAPHRASE_INSTRUCTION + example}, {"role": "assistant", "content": rewritten}]
+    return turns + [{"role": "user", "content": PARAPHRASE_INSTRUCTION + text}]
+
+
+def echoes_example(made: str, n: int = 5) -> bool:
+    """The answer repeats n words in a row of an example's rewrite ("It's raining again. This summer
+    has been..."): the model answered the examples, not the text."""
+    said = f" {_norm(made)} "
+    for _, rewritten in PARAPHRASE_EXAMPLES:
+        words = _norm(rewritten).split()
+        if any(f" {' '.join(words[i:i + n])} " in said for i in range(len(words) - n + 1)):
+            return True
+    return False
+
+
 _REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|sorry,|i can(no|')t|as an ai)", re.IGNORECASE)
 _PREFIX_RE = re.compile(r"^\s*(re|fw|fwd|aw|wg|sv)(\[\d+\])?\s*:\s*", re.IGNORECASE)
 
@@ -96,10 +117,10 @@ class Task:
             elif self.missing == "paraphrase":
                 if generate is None:
                     raise ValueError(f"task {self.name}: items without input need a generate function for paraphrases")
-                made = clean_generated(generate(PARAPHRASE_PROMPT.format(text=item.output.strip())))
-                if made and _norm(made) != _norm(item.output):
+                made = clean_generated(generate(paraphrase_messages(item.output.strip())))
+                if made and _norm(made) != _norm(item.output) and not echoes_example(made):
                     out.append(replace(item, input=made, meta={**item.meta, "input_from": "generated"}))
-                else:  # the small model copied or refused: fall back to the text itself, as the LaMP-7 pilot did
+                else:  # the small model copied, refused or echoed an example: fall back to the text itself, as the pilot did
                     out.append(replace(item, input=item.output, meta={**item.meta, "input_from": "generated-copy"}))
             # missing == "drop": a headline without its article teaches nothing
         return out

@@ -35,12 +35,14 @@ class Paraphraser:
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut by a kill: that one paraphrase is made again
 
-    def key(self, prompt: str) -> str:
+    def key(self, prompt: str | list[dict]) -> str:
         from cope_local.binding import base_fingerprint
 
-        return hashlib.sha256((base_fingerprint(self.base) + "\x00" + prompt).encode()).hexdigest()[:24]
+        text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256((base_fingerprint(self.base) + "\x00" + text).encode()).hexdigest()[:24]
 
-    def __call__(self, prompt: str) -> str:
+    def __call__(self, prompt: str | list[dict]) -> str:
+        """The base model's greedy answer to `prompt` (a user message, or chat messages)."""
         key = self.key(prompt)
         text = self.cache.get(key)
         if text is None:
