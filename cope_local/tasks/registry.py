@@ -27,8 +27,8 @@ MAIL_INPUTS = {"in-reply-to", "quoted", "subject-match"}  # input_from values me
 
 # 2-shot, as chat turns: a 135M instruct model refuses or copies with a zero-shot paraphrase prompt
 # (shared/notes/pilot-lamp7.md), and with both examples inside one message it answered with the first
-# example's rewrite instead: 1,035 of the 2,312 LaMP-7 dev training inputs of sessions 1-6 were "It is
-# raining again. This summer has been very bad." (16 of 40 tweets tried; as turns: 0 of 40, README).
+# example's rewrite instead: 1,079 of the 2,312 LaMP-7 dev training inputs of sessions 1-6 echoed it ("It is
+# raining again. This summer has been very bad."; 16 of 40 tweets tried; as turns: 0 of 40, README).
 PARAPHRASE_INSTRUCTION = ("Rewrite the text in plain, neutral words. Keep the meaning; drop the style. "
                           "Answer with the rewritten text only.\n\nText: ")
 PARAPHRASE_EXAMPLES = (
