@@ -46,6 +46,14 @@ def paraphrase_messages(text: str) -> Messages:
     return turns + [{"role": "user", "content": PARAPHRASE_INSTRUCTION + text}]
 
 
+def paraphrase_fingerprint() -> str:
+    """What the paraphrase prompt is, for the inputs stage's key: another prompt makes other inputs."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([PARAPHRASE_INSTRUCTION, PARAPHRASE_EXAMPLES]).encode()).hexdigest()[:16]
+
+
 def echoes_example(made: str, n: int = 5) -> bool:
     """The answer repeats n words in a row of an example's rewrite ("It's raining again. This summer
     has been..."): the model answered the examples, not the text."""

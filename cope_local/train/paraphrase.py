@@ -38,7 +38,7 @@ class Paraphraser:
     def key(self, prompt: str | list[dict]) -> str:
         from cope_local.binding import base_fingerprint
 
-        text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+        text = json.dumps(prompt, ensure_ascii=False, sort_keys=True)
         return hashlib.sha256((base_fingerprint(self.base) + "\x00" + text).encode()).hexdigest()[:24]
 
     def __call__(self, prompt: str | list[dict]) -> str:

@@ -115,10 +115,9 @@ class Pipeline:
             d |= {"items": self._file_key(self.ws.items_path, "create"), "task": self.ws.task.name,
                   "base": base_fingerprint(self.base)}
             if self.ws.task.missing == "paraphrase":  # another paraphrase prompt makes other inputs
-                from cope_local.tasks.registry import PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION
+                from cope_local.tasks.registry import paraphrase_fingerprint
 
-                d["paraphrase"] = hashlib.sha256(json.dumps([PARAPHRASE_INSTRUCTION, PARAPHRASE_EXAMPLES]).encode()
-                                                 ).hexdigest()[:16]
+                d["paraphrase"] = paraphrase_fingerprint()
         elif stage == "pairs":
             d |= {"inputs": self._file_key(self.p("inputs"), "inputs"), "base": base_fingerprint(self.base),
                   "limits": [c.max_prompt_tokens, c.max_target_tokens]}
