@@ -6,7 +6,10 @@ import pytest
 
 from cope_local.errors import CopeError
 from cope_local.ingest import HistoryItem
-from cope_local.tasks import PARAPHRASE_EXAMPLES, TASKS, echoes_example, get_task, list_tasks, paraphrase_messages, topic_of
+from cope_local.tasks import (PARAPHRASE_EXAMPLES, TASKS, clean_generated, echoes_example, get_task, list_tasks,
+                              paraphrase_messages, topic_of)
+from cope_local.tasks import registry
+from cope_local.tasks.registry import loops, until_repeat
 
 
 def item(output, input=None, **meta):
@@ -88,6 +91,33 @@ def test_paraphrase_inputs_are_made_by_the_given_generate():
     echoed = t.make_inputs([items[0]], lambda p: "It is raining again. This summer has been very bad. Nice harbor.")
     assert echoed[0].meta["input_from"] == "generated-copy" and echoes_example(" it is raining again this summer has been very bad")
     assert not echoes_example("The harbor looks pretty tonight.")
+    # a looping answer keeps each sentence once; one that says nothing but "not sure" is no input
+    looped = t.make_inputs([items[0]], lambda p: "The harbor is pretty. It glows. The harbor is pretty. It glows. The harb")
+    assert looped[0].input == "The harbor is pretty. It glows." and looped[0].meta["input_from"] == "generated"
+    blank = t.make_inputs([items[0]], lambda p: "I'm not sure what to say. I'm not sure what to say. I'm not sure")
+    assert blank[0].meta["input_from"] == "generated-copy"
+
+
+def test_until_repeat_cuts_at_the_first_repeated_sentence():
+    assert until_repeat("A b. C d! A b. E f? C d!") == "A b. C d!"
+    assert until_repeat("I'm glad. I'm glad. I'm gl") == "I'm glad."
+    assert until_repeat("I'm glad. Then I left") == "I'm glad. Then I left"  # a new cut-off sentence stays
+    assert until_repeat("no sentence ends here") == "no sentence ends here"
+    # loops() says when generating more cannot change that: a finished sentence repeated
+    assert not loops("A b. C d. A b.") and loops("A b. C d. A b. ") and loops("A b. A b. x")
+    full = "It glows. It is calm. It glows. It is calm. It gl"
+    stopped = next(full[:n] for n in range(len(full) + 1) if loops(full[:n]))
+    assert until_repeat(stopped) == until_repeat(full) == "It glows. It is calm."
+    assert clean_generated("Rewritten: Fine. Fine.") == "Fine." and clean_generated("I'm not sure what to say.") == ""
+
+
+def test_paraphrase_fingerprint_covers_prompt_and_cleaning(monkeypatch):
+    first = registry.paraphrase_fingerprint()
+    monkeypatch.setattr(registry, "PARAPHRASE_CLEANING", "other cleaning")
+    assert registry.paraphrase_fingerprint() != first
+    monkeypatch.undo()
+    monkeypatch.setattr(registry, "PARAPHRASE_INSTRUCTION", "Say it plainly: ")
+    assert registry.paraphrase_fingerprint() != first
 
 
 def test_headline_without_article_is_dropped():

@@ -46,12 +46,17 @@ def paraphrase_messages(text: str) -> Messages:
     return turns + [{"role": "user", "content": PARAPHRASE_INSTRUCTION + text}]
 
 
+# How an answer is cleaned (clean_generated), for the key: other cleaning makes other inputs from the same answers.
+PARAPHRASE_CLEANING = "first paragraph; no label, quotes or refusal; up to the first repeated sentence"
+
+
 def paraphrase_fingerprint() -> str:
-    """What the paraphrase prompt is, for the inputs stage's key: another prompt makes other inputs."""
+    """What the paraphrase prompt and its cleaning are, for the inputs stage's key."""
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps([PARAPHRASE_INSTRUCTION, PARAPHRASE_EXAMPLES]).encode()).hexdigest()[:16]
+    made_by = [PARAPHRASE_INSTRUCTION, PARAPHRASE_EXAMPLES, PARAPHRASE_CLEANING]
+    return hashlib.sha256(json.dumps(made_by).encode()).hexdigest()[:16]
 
 
 def echoes_example(made: str, n: int = 5) -> bool:
@@ -66,6 +71,7 @@ def echoes_example(made: str, n: int = 5) -> bool:
 
 
 _REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|sorry,|i can(no|')t|as an ai)", re.IGNORECASE)
+_NOTHING_RE = re.compile(r"^\s*i'?m not sure what to say\W*$", re.IGNORECASE)  # the whole answer, after repeats go
 _PREFIX_RE = re.compile(r"^\s*(re|fw|fwd|aw|wg|sv)(\[\d+\])?\s*:\s*", re.IGNORECASE)
 
 
@@ -149,7 +155,38 @@ def clean_generated(text: str) -> str:
     text = (text or "").strip()
     text = re.sub(r"^\s*(rewritten|paraphrase|text)\s*:\s*", "", text, flags=re.IGNORECASE)
     text = text.split("\n\n")[0].strip().strip('"“”').strip()
-    return "" if _REFUSAL_RE.match(text) else text
+    if _REFUSAL_RE.match(text):
+        return ""
+    text = until_repeat(text)
+    return "" if _NOTHING_RE.match(text) else text
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+def until_repeat(text: str) -> str:
+    """The text up to the first sentence that repeats an earlier one. SmolLM2-135M often loops on a
+    sentence until the token cap ("I'm glad to hear that." x14, then "I'm glad to hear"): 206 of 718
+    LaMP-7 paraphrases of 7 users (README). A cut-off last sentence that an earlier one begins with goes too."""
+    kept: list[str] = []
+    seen: set[str] = set()
+    sentences = _sentences(text)
+    for i, sentence in enumerate(sentences):
+        key = _norm(sentence)
+        cut = i == len(sentences) - 1 and not re.search(r"[.!?]\W*$", sentence)
+        if key in seen or (cut and key and any(s.startswith(key) for s in seen)):
+            break
+        seen.add(key)
+        kept.append(sentence)
+    return " ".join(kept)
+
+
+def loops(text: str) -> bool:
+    """A finished sentence of `text` repeats an earlier one: generating more cannot change what
+    `until_repeat` keeps, so a paraphrase may stop here."""
+    done = [_norm(s) for s in re.split(r"(?<=[.!?])\s+", text.lstrip())[:-1]]  # the last one may still grow
+    return len(set(done)) < len(done)
 
 
 def topic_of(item: HistoryItem) -> str:

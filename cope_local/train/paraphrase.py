@@ -5,7 +5,8 @@ paraphrase of each text that has no input (rewrite, LaMP-7). Each answer is
 appended (fsynced) to a cache file keyed by the prompt and the base, so an
 interrupted `inputs` stage resumes where it stopped instead of starting over.
 The decoder is loaded on the first call only: tasks that need no paraphrases
-never load a model.
+never load a model. An answer that starts to loop on a sentence is stopped
+there: the cleaning (`tasks.until_repeat`) keeps nothing after it anyway.
 """
 
 from __future__ import annotations
@@ -52,9 +53,14 @@ class Paraphraser:
                 self.decoder = Decoder(self.base, n_ctx=1024)
             from cope_local.decode import GenConfig
 
-            gen = self.decoder.generate(prompt, GenConfig(mode="base", max_tokens=PARAPHRASE_MAX_TOKENS,
-                                                          temperature=0.0, stop=("\n\n",)))
-            text = gen.text
+            from cope_local.tasks.registry import loops
+
+            cfg = GenConfig(mode="base", max_tokens=PARAPHRASE_MAX_TOKENS, temperature=0.0, stop=("\n\n",))
+            text = ""
+            for piece in self.decoder.stream(prompt, cfg):  # a loop is cut by the cleaning: stop decoding it
+                text += piece
+                if loops(text):
+                    break
             self.cache[key] = text
             fd = os.open(self.cache_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             with os.fdopen(fd, "a", encoding="utf-8") as f:
