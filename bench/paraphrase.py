@@ -28,9 +28,7 @@ def main() -> int:
     from cope_local.eval.data import load_users
     from cope_local.eval.metrics import rouge
     from cope_local.models import resolve_model
-    from cope_local.decode import GenConfig
     from cope_local.tasks import clean_generated, echoes_example, get_task, paraphrase_messages
-    from cope_local.train.paraphrase import PARAPHRASE_MAX_TOKENS
     from cope_local.train.paraphrase import Paraphraser
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,7 +43,7 @@ def main() -> int:
     kept_rouge, kept_words = [], []
     stopped_s = full_s = 0.0
     looped = differ = 0
-    full_cfg = GenConfig(mode="base", max_tokens=PARAPHRASE_MAX_TOKENS, temperature=0.0, stop=("\n\n",))
+    full_cfg = Paraphraser.gen_config()  # the Paraphraser's settings, without its stop at a loop
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-para-") as tmp, \
             Paraphraser(resolve_model(args.model), Path(tmp) / "cache.jsonl", progress=False) as para:

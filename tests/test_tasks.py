@@ -91,7 +91,7 @@ def test_paraphrase_inputs_are_made_by_the_given_generate():
     echoed = t.make_inputs([items[0]], lambda p: "It is raining again. This summer has been very bad. Nice harbor.")
     assert echoed[0].meta["input_from"] == "generated-copy" and echoes_example(" it is raining again this summer has been very bad")
     assert not echoes_example("The harbor looks pretty tonight.")
-    # a looping answer keeps each sentence once; one that says nothing but "not sure" is no input
+    # a looping answer stops at its first repeated sentence; one that says nothing but "not sure" is no input
     looped = t.make_inputs([items[0]], lambda p: "The harbor is pretty. It glows. The harbor is pretty. It glows. The harb")
     assert looped[0].input == "The harbor is pretty. It glows." and looped[0].meta["input_from"] == "generated"
     blank = t.make_inputs([items[0]], lambda p: "I'm not sure what to say. I'm not sure what to say. I'm not sure")

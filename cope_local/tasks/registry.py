@@ -161,8 +161,11 @@ def clean_generated(text: str) -> str:
     return "" if _NOTHING_RE.match(text) else text
 
 
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+
+
 def _sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    return [s for s in _SENTENCE_BREAK.split(text.strip()) if s]
 
 
 def until_repeat(text: str) -> str:
@@ -185,7 +188,7 @@ def until_repeat(text: str) -> str:
 def loops(text: str) -> bool:
     """A finished sentence of `text` repeats an earlier one: generating more cannot change what
     `until_repeat` keeps, so a paraphrase may stop here."""
-    done = [_norm(s) for s in re.split(r"(?<=[.!?])\s+", text.lstrip())[:-1]]  # the last one may still grow
+    done = [_norm(s) for s in _SENTENCE_BREAK.split(text.lstrip())[:-1]]  # the last one may still grow
     return len(set(done)) < len(done)
 
 

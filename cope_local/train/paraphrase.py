@@ -42,6 +42,13 @@ class Paraphraser:
         text = json.dumps(prompt, ensure_ascii=False, sort_keys=True)
         return hashlib.sha256((base_fingerprint(self.base) + "\x00" + text).encode()).hexdigest()[:24]
 
+    @staticmethod
+    def gen_config():
+        """Greedy, one paragraph, at most PARAPHRASE_MAX_TOKENS (before a loop stops it)."""
+        from cope_local.decode import GenConfig
+
+        return GenConfig(mode="base", max_tokens=PARAPHRASE_MAX_TOKENS, temperature=0.0, stop=("\n\n",))
+
     def __call__(self, prompt: str | list[dict]) -> str:
         """The base model's greedy answer to `prompt` (a user message, or chat messages)."""
         key = self.key(prompt)
@@ -51,13 +58,10 @@ class Paraphraser:
                 from cope_local.decode import Decoder
 
                 self.decoder = Decoder(self.base, n_ctx=1024)
-            from cope_local.decode import GenConfig
-
             from cope_local.tasks.registry import loops
 
-            cfg = GenConfig(mode="base", max_tokens=PARAPHRASE_MAX_TOKENS, temperature=0.0, stop=("\n\n",))
             text = ""
-            for piece in self.decoder.stream(prompt, cfg):  # a loop is cut by the cleaning: stop decoding it
+            for piece in self.decoder.stream(prompt, self.gen_config()):  # the cleaning cuts a loop: stop there
                 text += piece
                 if loops(text):
                     break
