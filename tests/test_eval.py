@@ -221,6 +221,7 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     from cope_local.cli import main
     from cope_local.eval.generate import METHODS
     from cope_local.eval.results import read_rows
+    from cope_local.tasks import get_task
 
     data = tmp_path / "users.jsonl"
     data.write_text("".join(json.dumps(_user_row(u)) + "\n" for u in ("ann", "bob")), encoding="utf-8")
@@ -243,7 +244,8 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     ws = out / "users" / "ann"
     assert TWEETS[9] not in (ws / "items.jsonl").read_text()  # the held-out tweet is not trained on
     cope_rows = [r for r in rows if r["method"] == "cope"]
-    assert all(r["settings"]["alpha"] == 0.1 and r["settings"]["mode"] == "cope" for r in cope_rows)
+    assert get_task("lamp7").default_alpha == 0.7  # the task's alpha, as no --alpha was given
+    assert all(r["settings"]["alpha"] == 0.7 and r["settings"]["mode"] == "cope" for r in cope_rows)
     base = {(r["user_id"], r["query_id"]): r["output"] for r in rows if r["method"] == "base"}
     assert all(base[(r["user_id"], r["query_id"])] == r["output"] for r in rows if r["method"] == "tam")
 
@@ -282,14 +284,14 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     # a torn last line (a killed run) is ignored, and a sweep decodes only what is new: CoPe at another alpha
     with open(out / "results.jsonl", "a") as f:
         f.write('{"user_id": "ann", "query')
-    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.1,0.5", "--tau", "0.1",
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.7,0.5", "--tau", "0.1",
                  "--protect", "none,eos", "--json"]) == 0
     sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # 4 queries x (alpha 0.5, the paper's rule) + 4 x 2 alphas with the end of turn protected
-    assert sweep["generated"] == 12 and set(sweep["points"]) == {"0.1,0.1", "0.5,0.1", "0.1,0.1,eos", "0.5,0.1,eos",
+    assert sweep["generated"] == 12 and set(sweep["points"]) == {"0.7,0.1", "0.5,0.1", "0.7,0.1,eos", "0.5,0.1,eos",
                                                                 "per-user"}
-    assert sweep["points"]["0.1,0.1"]["cope_rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
-    assert 0.0 <= sweep["points"]["0.1,0.1,eos"]["cope_attribution"] <= 1.0
+    assert sweep["points"]["0.7,0.1"]["cope_rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
+    assert 0.0 <= sweep["points"]["0.7,0.1,eos"]["cope_attribution"] <= 1.0
     md = (out / "sweep.md").read_text()
     assert "| 0.5 | 0.1 | none | 1 |" in md and "| 0.5 | 0.1 | eos | 1 |" in md
     per_user = sweep["points"].pop("per-user")  # a point chosen per user on the other half of the user's queries
@@ -326,7 +328,7 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     assert all(r["output"] == base[(r["user_id"], r["query_id"])] for r in scaled if r["method"] == "oppu")
     assert "| 0.5 | 0.1 | none | 1 | off | 0 |" in (out / "sweep.md").read_text()
     # without --json: a line per point, the per-user choice included, all cached now (oppu and cope per point)
-    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.1,0.5", "--tau", "0.1"]) == 0
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.7,0.5", "--tau", "0.1"]) == 0
     printed = capsys.readouterr().out
     assert "  0.5,0.1 " in printed and "  per-user " in printed and "0 generated, 16 cached" in printed
 
@@ -334,28 +336,28 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(out / "results.jsonl", other / "results.jsonl")
-    assert main(["eval", "compare", f"{out}:base", f"{other}:cope:alpha=0.1", f"{out}:oppu:adapter_scale=0",
+    assert main(["eval", "compare", f"{out}:base", f"{other}:cope:alpha=0.7", f"{out}:oppu:adapter_scale=0",
                  f"{out}:oppu+cd:alpha=0.5,protect=none", "--report", str(tmp_path / "cmp.md"), "--json"]) == 0
     cmp = json.loads(capsys.readouterr().out)
     assert cmp["users"] == 2 and cmp["queries"] == 4 and cmp["attribution_of_real_texts"] >= 0.5
     sides = cmp["sides"]
     assert sides["out:base"]["rougeL"] == pytest.approx(first["methods"]["base"]["rougeL"])
-    assert sides["other:cope:alpha=0.1"]["rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
-    assert sides["other:cope:alpha=0.1"]["diff"] == pytest.approx(
+    assert sides["other:cope:alpha=0.7"]["rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
+    assert sides["other:cope:alpha=0.7"]["diff"] == pytest.approx(
         first["methods"]["cope"]["rougeL"] - first["methods"]["base"]["rougeL"])
     zero = sides["out:oppu:adapter_scale=0"]  # the base's own texts: no difference at all
     assert zero["same_output"] == 4 and zero["diff"] == 0 and zero["query_ci"] == [0, 0]
     assert "| out:oppu+cd:alpha=0.5,protect=none - out:base |" in (tmp_path / "cmp.md").read_text()
-    # the sweep's per-user rows (its last run: alpha 0.1 or 0.5 per user) are a side too, as they are
-    assert main(["eval", "compare", f"{out}:cope:alpha=0.1", f"{out}:cope:alpha=0.5",
+    # the sweep's per-user rows (its last run: alpha 0.7 or 0.5 per user) are a side too, as they are
+    assert main(["eval", "compare", f"{out}:cope:alpha=0.7", f"{out}:cope:alpha=0.5",
                  f"{out}/sweep-per-user.jsonl:cope", "--json"]) == 0
     picks = json.loads(capsys.readouterr().out)["sides"]
-    low, high = sorted(picks[f"out:cope:alpha={a}"]["rougeL"] for a in ("0.1", "0.5"))
+    low, high = sorted(picks[f"out:cope:alpha={a}"]["rougeL"] for a in ("0.7", "0.5"))
     assert low <= picks["out/sweep-per-user:cope"]["rougeL"] <= high
     # without @handles (these tweets have none): the same figures, said so
-    assert main(["eval", "compare", f"{out}:base", f"{other}:cope:alpha=0.1", "--drop-mentions", "--json"]) == 0
+    assert main(["eval", "compare", f"{out}:base", f"{other}:cope:alpha=0.7", "--drop-mentions", "--json"]) == 0
     bare = json.loads(capsys.readouterr().out)
-    assert bare["mentions"] is False and bare["sides"]["other:cope:alpha=0.1"] == sides["other:cope:alpha=0.1"]
+    assert bare["mentions"] is False and bare["sides"]["other:cope:alpha=0.7"] == sides["other:cope:alpha=0.7"]
     assert main(["eval", "compare", f"{out}:base", f"{out}:cope:alpha=0.9"]) == 2  # no such rows
     assert "no rows of method cope" in capsys.readouterr().err
     assert main(["eval", "compare", f"{out}:base", f"{out}:nope"]) == 2

@@ -139,7 +139,8 @@ def write_report(cfg, keys: dict, users, everyone=None, skipped: dict | None = N
                      + f" | {s.words:.1f} | {s.length_ratio:.2f} | {ci(s.length_ratio_ci, 2)} |")
     if ceiling:
         lines.append(f"| (real texts) | 1.000 | | 1.000 | | {ceiling.mean:.3f} | {ci(ceiling)} | | 1.00 | |")
-    lines += ["", "Differences (mean over paired queries, 95 % CI):", ""] + (ci_lines or ["- (no pairs to compare)"])
+    lines += ["", "Differences (mean over paired queries, 95 % CI):", ""] + (ci_lines or [
+        "- (cope - oppu and cope - tam need the cope method and oppu or tam; the table below pairs what was run)"])
     lines += kind_lines(rows)
     lines += ["", "Per-user ROUGE-L:", "", "| user | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for u in user_ids:

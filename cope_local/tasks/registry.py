@@ -244,8 +244,8 @@ TASKS: dict[str, Task] = {
              default_alpha=0.3, max_new_tokens=200, input_kind="topic", missing="topic"),
         Task("lamp7", "paraphrase a tweet in your voice - LaMP-7",
              "Paraphrase the following tweet without any explanation before or after it: {input}",
-             default_alpha=0.1,  # `cope eval sweep`, 17 LaMP-7 dev users: ROUGE-L ties OPPU at .1/.3/.5 (CIs hold 0),
-             #                     attribution .096/.091/.080: .1 keeps the most voice (README "Results")
+             default_alpha=0.7,  # `cope eval sweep`, 39 LaMP-7 dev users, clean inputs: CoPe - OPPU ROUGE-L -.004/-.001/
+             #   +.005/+.013 at .1/.3/.5/.7 (CIs hold 0), attribution +.029 [+.005, +.053] at .7 (README "Results")
              max_new_tokens=64, input_kind="source", missing="paraphrase"),
     ]
 }
