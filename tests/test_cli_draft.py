@@ -43,6 +43,17 @@ def test_draft_json_with_adapter_in_cope_mode_reads_stdin(adapter):
     plain = json.loads(cope("draft", "Write one sentence about the sea.", "--adapter", str(adapter), "--max-tokens", "16",
                             "--json").stdout)
     assert plain["mode"] == "user" and plain["text"].strip()
+    # except on a task where the contrast on such an adapter measured better (LaMP-7): cope, at the task's alpha and tau
+    from cope_local.tasks import get_task
+
+    lamp7 = get_task("lamp7")
+    tweet = ["draft", "Rain again today, so I stayed in and read.", "--task", "lamp7", "--adapter", str(adapter),
+             "--max-tokens", "16", "--json"]
+    auto = json.loads(cope(*tweet).stdout)
+    assert (auto["mode"], auto["alpha"], auto["tau"]) == ("cope", lamp7.default_alpha, lamp7.default_tau)
+    named = json.loads(cope(*tweet, "--mode", "cope", "--alpha", f"{lamp7.default_alpha:g}", "--tau",
+                            f"{lamp7.default_tau:g}").stdout)
+    assert named["text"] == auto["text"] and json.loads(cope(*tweet, "--mode", "user").stdout)["mode"] == "user"
     # --adapter-scale 0: the adapter's update weighs nothing, so the text is the base model's
     zero = json.loads(cope("draft", "Write one sentence about the sea.", "--adapter", str(adapter), "--max-tokens", "16",
                            "--adapter-scale", "0", "--json").stdout)

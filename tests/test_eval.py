@@ -83,8 +83,8 @@ def _user_row(uid: str, n_profile: int = 10, n_queries: int = 1) -> dict:
                          "output": f"rain all day, staying in {i} #{uid}"} for i in range(n_queries)]}
 
 
-def test_per_user_choice_picks_on_the_other_half():
-    from cope_local.eval.sweep import per_user_choice, query_half
+def test_cross_fitted_choice_picks_on_the_other_half():
+    from cope_local.eval.sweep import cross_fitted_choice, query_half
 
     qids = [f"q{i}" for i in range(8)]
     assert {query_half(q) for q in qids} == {0, 1}
@@ -95,14 +95,22 @@ def test_per_user_choice_picks_on_the_other_half():
     # point "a" is better on half 0 only, "b" on half 1 only: each half gets the point that won the OTHER half
     a = lambda q: 0.9 if query_half(q) == 0 else 0.1
     b = lambda q: 0.1 if query_half(q) == 0 else 0.9
-    out = per_user_choice({"a": rows("ann", a), "b": rows("ann", b)}, "cope")
+    out = cross_fitted_choice({"a": rows("ann", a), "b": rows("ann", b)}, "cope")
     assert sorted(r["query_id"] for r in out) == qids
     assert all(r["chosen_point"] == ("b" if query_half(r["query_id"]) == 0 else "a") for r in out)
     assert all(r["rougeL"] == 0.1 for r in out)  # a choice that over-fits its own half scores worse on the other
     # a point better on both halves is chosen everywhere; ties go to the first point; users are separate
     c = lambda q: 0.5
-    out = per_user_choice({"c": rows("bo", c) + rows("cy", c), "d": rows("bo", lambda q: 0.7) + rows("cy", c)}, "cope")
+    grid = {"c": rows("bo", c) + rows("cy", c), "d": rows("bo", lambda q: 0.7) + rows("cy", c)}
+    out = cross_fitted_choice(grid, "cope")
     assert {(r["user_id"], r["chosen_point"]) for r in out} == {("bo", "d"), ("cy", "c")}
+    # one point for everyone (a tuned default): d's mean over both users is higher, so cy gets d too
+    out = cross_fitted_choice(grid, "cope", per_user=False)
+    assert len(out) == 16 and {(r["user_id"], r["chosen_point"]) for r in out} == {("bo", "d"), ("cy", "d")}
+    # and it is chosen on the other half of every user's queries: a and b swap as they did per user
+    out = cross_fitted_choice({"a": rows("ann", a) + rows("bo", a), "b": rows("ann", b) + rows("bo", b)}, "cope",
+                              per_user=False)
+    assert all(r["chosen_point"] == ("b" if query_half(r["query_id"]) == 0 else "a") and r["rougeL"] == 0.1 for r in out)
 
 
 def test_tam_split_is_fixed_and_never_sees_the_user(tmp_path):
@@ -244,8 +252,10 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     ws = out / "users" / "ann"
     assert TWEETS[9] not in (ws / "items.jsonl").read_text()  # the held-out tweet is not trained on
     cope_rows = [r for r in rows if r["method"] == "cope"]
-    assert get_task("lamp7").default_alpha == 0.7  # the task's alpha, as no --alpha was given
-    assert all(r["settings"]["alpha"] == 0.7 and r["settings"]["mode"] == "cope" for r in cope_rows)
+    assert get_task("lamp7").default_alpha == 0.7  # the task's alpha and tau, as no --alpha or --tau was given
+    tau = get_task("lamp7").default_tau
+    assert all(r["settings"]["alpha"] == 0.7 and r["settings"]["tau"] == tau and r["settings"]["mode"] == "cope"
+               for r in cope_rows)
     base = {(r["user_id"], r["query_id"]): r["output"] for r in rows if r["method"] == "base"}
     assert all(base[(r["user_id"], r["query_id"])] == r["output"] for r in rows if r["method"] == "tam")
 
@@ -284,21 +294,24 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     # a torn last line (a killed run) is ignored, and a sweep decodes only what is new: CoPe at another alpha
     with open(out / "results.jsonl", "a") as f:
         f.write('{"user_id": "ann", "query')
-    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.7,0.5", "--tau", "0.1",
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.7,0.5", "--tau", f"{tau:g}",
                  "--protect", "none,eos", "--json"]) == 0
     sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # 4 queries x (alpha 0.5, the paper's rule) + 4 x 2 alphas with the end of turn protected
-    assert sweep["generated"] == 12 and set(sweep["points"]) == {"0.7,0.1", "0.5,0.1", "0.7,0.1,eos", "0.5,0.1,eos",
-                                                                "per-user"}
-    assert sweep["points"]["0.7,0.1"]["cope_rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
-    assert 0.0 <= sweep["points"]["0.7,0.1,eos"]["cope_attribution"] <= 1.0
+    assert sweep["generated"] == 12 and set(sweep["points"]) == {f"0.7,{tau}", f"0.5,{tau}", f"0.7,{tau},eos",
+                                                                f"0.5,{tau},eos", "per-user", "tuned"}
+    assert sweep["points"][f"0.7,{tau}"]["cope_rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
+    assert 0.0 <= sweep["points"][f"0.7,{tau},eos"]["cope_attribution"] <= 1.0
     md = (out / "sweep.md").read_text()
-    assert "| 0.5 | 0.1 | none | 1 |" in md and "| 0.5 | 0.1 | eos | 1 |" in md
+    assert f"| 0.5 | {tau:g} | none | 1 |" in md and f"| 0.5 | {tau:g} | eos | 1 |" in md
     per_user = sweep["points"].pop("per-user")  # a point chosen per user on the other half of the user's queries
     assert set(per_user["points_chosen"]) <= set(sweep["points"]) and per_user["n"] == 4
     assert min(p["cope_rougeL"] for p in sweep["points"].values()) <= per_user["cope_rougeL"] \
         <= max(p["cope_rougeL"] for p in sweep["points"].values())
-    assert "| per user | per user |" in md
+    tuned = sweep["points"].pop("tuned")  # one point for everyone, chosen on the other half of the queries
+    assert set(tuned["points_chosen"]) <= set(sweep["points"]) and tuned["n"] == 4
+    assert "| per user | per user |" in md and "| tuned | tuned |" in md
+    assert md.index("| tuned | tuned |") < md.index("per user: each user's point")  # the table, then the notes
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == len(rows) + 1 + 12 and json.loads(lines[-1])["settings"]["protect"] == "eos"
     # the contrast on the SFT adapter (oppu+cd) can be swept too: only its new alpha is decoded
@@ -328,9 +341,9 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     assert all(r["output"] == base[(r["user_id"], r["query_id"])] for r in scaled if r["method"] == "oppu")
     assert "| 0.5 | 0.1 | none | 1 | off | 0 |" in (out / "sweep.md").read_text()
     # without --json: a line per point, the per-user choice included, all cached now (oppu and cope per point)
-    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.7,0.5", "--tau", "0.1"]) == 0
+    assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.7,0.5", "--tau", f"{tau:g}"]) == 0
     printed = capsys.readouterr().out
-    assert "  0.5,0.1 " in printed and "  per-user " in printed and "0 generated, 16 cached" in printed
+    assert f"  0.5,{tau} " in printed and "  per-user " in printed and "0 generated, 16 cached" in printed
 
     # compare: sides from this run and from a second folder (a copy of its rows), paired by query
     other = tmp_path / "other"
@@ -342,6 +355,9 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     assert cmp["users"] == 2 and cmp["queries"] == 4 and cmp["attribution_of_real_texts"] >= 0.5
     sides = cmp["sides"]
     assert sides["out:base"]["rougeL"] == pytest.approx(first["methods"]["base"]["rougeL"])
+    for side in sides.values():  # every figure of a side with its bootstrap CI around it
+        for key in ("rouge1", "rougeL", "attribution", "length_ratio"):
+            assert side[f"{key}_ci"][0] <= side[key] <= side[f"{key}_ci"][1], key
     assert sides["other:cope:alpha=0.7"]["rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
     assert sides["other:cope:alpha=0.7"]["diff"] == pytest.approx(
         first["methods"]["cope"]["rougeL"] - first["methods"]["base"]["rougeL"])

@@ -25,6 +25,8 @@ def test_registry():
     for t in list_tasks():
         assert t.description and t.max_new_tokens > 0 and 0 < t.default_alpha < 1 and "{input}" in t.template
     assert {t.name for t in list_tasks() if t.default_alpha != 0.3} == {"rewrite", "lamp7"}
+    # the paper's tau and OPPU drafting alone, except where measured otherwise (LaMP-7, README "Results")
+    assert {t.name for t in list_tasks() if t.default_tau != 0.1 or t.sft_mode != "user"} == {"lamp7"}
     assert get_task("LaMP-7") is TASKS["lamp7"] and get_task(" Email-Reply ") is TASKS["email-reply"]
     with pytest.raises(CopeError, match="unknown task"):
         get_task("poem")

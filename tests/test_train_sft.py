@@ -60,8 +60,16 @@ def run_to_end(pairs: Path, out: Path, work: Path, model: Path) -> dict:
     return json.loads((work / "summary.json").read_text(encoding="utf-8"))
 
 
+# Bit-identical floats across processes: one thread (no reduction split to vary), MKL's reproducible
+# mode (its kernels may otherwise pick a code path by the buffers' memory alignment, which differs in
+# a process that loaded its state from a checkpoint) and no dynamic thread counts. Without them a
+# resumed run on the CI machine once differed from the reference in the 6th digit of a loss; here
+# it never did.
+DETERMINISTIC = {"COPE_THREADS": "1", "MKL_CBWR": "AUTO", "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"}
+
+
 def start(pairs: Path, out: Path, work: Path, model: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **DETERMINISTIC}
     return subprocess.Popen([sys.executable, "-c", SCRIPT, str(pairs), str(out), str(work), str(model)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

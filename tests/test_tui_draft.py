@@ -181,6 +181,13 @@ async def test_split_view_compares_the_personal_draft_with_the_base_model():
         await draft(pilot, ASK)
         assert screen.query_one("#out").text == base
         assert app.ui.restore("ui.alpha") == "0.7" and app.ui.restore("ui.mode") == "base"
+        # mode auto on LaMP-7, where the contrast on such an adapter measured better: it drafts in cope mode
+        screen.query_one("#mode").value = "auto"
+        screen.query_one("#task").value = "lamp7"
+        await pilot.pause(0.05)
+        assert app.task_name == "lamp7" and app.mode == "auto"
+        await draft(pilot, "Rain again today, so I stayed in and read.")
+        assert str(screen.query_one("#out").border_subtitle).startswith("cope")
 
 
 @sync

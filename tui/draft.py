@@ -281,6 +281,7 @@ class DraftScreen(Screen):
     def _draft_worker(self, text, task_name, messages, plan, alpha, max_tokens, temperature, seed, stop) -> None:
         """Worker thread: load if needed, then stream each pane in turn (one decoder, one stream at a time)."""
         app = self.app
+        task = get_task(task_name)
         try:
             app.ensure_loaded()
         except CopeError as exc:
@@ -297,7 +298,8 @@ class DraftScreen(Screen):
                 self.post_message(Finished(p.pane, None, "no personal adapter to compare with: choose a trained "
                                                          "profile (F4)", last))
                 return
-            cfg = GenConfig(mode=mode, alpha=alpha, max_tokens=max_tokens, temperature=temperature, seed=seed)
+            cfg = GenConfig(mode=mode, sft_mode=task.sft_mode, alpha=alpha, tau=task.default_tau, max_tokens=max_tokens,
+                            temperature=temperature, seed=seed)
             try:
                 result = app.engine.stream(messages, cfg, stop, lambda piece, pane=p.pane: self.post_message(
                     Piece(pane, piece)))

@@ -83,7 +83,7 @@ class Engine:
             dec = self._decoder
             if dec is None:
                 raise CopeError("the model is not loaded yet")
-            mode = dec.resolve_mode(cfg.mode)
+            mode = dec.resolve_mode(cfg.mode, cfg.sft_mode)
             messages = self.fit(messages, cfg.max_tokens)
             it = dec.stream(messages, cfg)
             text, steps = [], 0

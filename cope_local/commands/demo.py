@@ -85,8 +85,8 @@ def draft_all(p, prompts: list[str], max_tokens: int) -> list[dict]:
         for text in prompts:
             row = {"prompt": text}
             for mode in MODES:
-                g = dec.generate(task.draft_messages(text), GenConfig(mode=mode, alpha=task.default_alpha,
-                                                                      max_tokens=max_tokens))
+                cfg = GenConfig(mode=mode, alpha=task.default_alpha, tau=task.default_tau, max_tokens=max_tokens)
+                g = dec.generate(task.draft_messages(text), cfg)
                 row[mode] = g.text.strip()
             out.append(row)
     return out

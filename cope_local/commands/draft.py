@@ -10,10 +10,11 @@ def add_decoding_args(p) -> None:
     """Flags shared by every command that drafts text."""
     p.add_argument("--model", default=None, help="base model name or .gguf path (default: smollm2-135m)")
     p.add_argument("--mode", choices=("cope", "user", "base"), default=None,
-                   help="cope: contrast user vs amateur (default for an adapter trained with --dpo); "
+                   help="cope: contrast user vs amateur (default for an adapter trained with --dpo, and on lamp7); "
                         "user: the adapter alone (default for other adapters); base: no adapter")
     p.add_argument("--alpha", type=float, default=None, help="contrast strength (default: the task's)")
-    p.add_argument("--tau", type=float, default=0.1, help="head set: p_user >= tau * max p_user (default 0.1)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="head set: p_user >= tau * max p_user (default: the task's; 0.1, lamp7 0.3)")
     p.add_argument("--adapter-scale", type=float, default=1.0, metavar="S",
                    help="weight of your adapter's update in the expert: 1 as trained (default), 0.5 half, 0 the base")
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens at most (default: the task's)")
@@ -65,8 +66,9 @@ def gen_config(args, task):
 
     return GenConfig(
         mode=args.mode,
+        sft_mode=task.sft_mode,
         alpha=task.default_alpha if args.alpha is None else args.alpha,
-        tau=args.tau,
+        tau=task.default_tau if args.tau is None else args.tau,
         max_tokens=task.max_new_tokens if args.max_tokens is None else args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,

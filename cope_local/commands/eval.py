@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"comma-separated (default: all): {','.join(METHODS)}")
     r.add_argument("--model", default=None, help="base model name or .gguf path (default: smollm2-135m)")
     r.add_argument("--alpha", type=float, default=None, help="CoPe contrast weight (default: the task's; LaMP-7 0.7)")
-    r.add_argument("--tau", type=float, default=0.1, help="CoPe head set threshold (default 0.1)")
+    r.add_argument("--tau", type=float, default=None, help="CoPe head set threshold (default: the task's; LaMP-7 0.3)")
     r.add_argument("--max-tokens", type=int, default=None, help="new tokens per output (default: the task's cap)")
     r.add_argument("--holdout", type=int, default=0, metavar="N",
                    help="the last N profile items of each user become extra queries and leave its training "

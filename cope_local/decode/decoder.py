@@ -37,20 +37,22 @@ MODES = ("cope", "user", "base")
 PROTECT = ("none", "eos", "eos+punct")  # tokens the contrast leaves alone (rule.cope_scores `protected`)
 
 
-def default_mode_for(adapter: Path | None) -> str:
+def default_mode_for(adapter: Path | None, sft_mode: str = "user") -> str:
     """The mode of a draft that names none: base without a user adapter; cope for an adapter trained
-    with DPO on synthetic negatives (the paper's pipeline, whose DPO is made for the contrast); user for
-    any other adapter (OPPU: on the LaMP-7 dev users the contrast did not beat it, README "Results")."""
+    with DPO on synthetic negatives (the paper's pipeline, whose DPO is made for the contrast);
+    `sft_mode` for any other adapter (OPPU): the task's measured best (Task.sft_mode), user unless
+    the contrast on OPPU beat it on the task's benchmark (LaMP-7, README "Results")."""
     if adapter is None:
         return "base"
     from cope_local.gguf_file import read_header
 
-    return "cope" if read_header(adapter, what="adapter").get("cope.train.dpo") is True else "user"
+    return "cope" if read_header(adapter, what="adapter").get("cope.train.dpo") is True else sft_mode
 
 
 @dataclass
 class GenConfig:
-    mode: str | None = None  # "cope" | "user" | "base"; None: the decoder's default_mode (see default_mode_for)
+    mode: str | None = None  # "cope" | "user" | "base"; None: the adapter's default (see default_mode_for)
+    sft_mode: str = "user"  # mode None with an SFT-only (OPPU) adapter: the task's measured best (Task.sft_mode)
     alpha: float = 0.3  # contrast strength; the paper uses 0.1-0.7, tasks set their own
     tau: float = 0.1  # head set: tokens with p_user >= tau * max p_user (the paper's 0.1)
     max_tokens: int = 256  # new tokens at most
@@ -103,7 +105,8 @@ class Decoder:
                 from cope_local.binding import check_binding
 
                 check_binding(path, self.base_path, force=force)
-        self.default_mode = default_mode_for(self.adapter_path)  # what a draft that names no mode uses
+        # base | cope (a DPO adapter) | user (an OPPU adapter: resolve_mode puts the task's sft_mode in its place)
+        self.default_mode = default_mode_for(self.adapter_path)
         self.model = Model(self.base_path, gpu_layers)
         tam_set = [(self.model.load_adapter(self.tam_path), tam_scale)] if self.tam_path else []
         user_set = [(self.model.load_adapter(self.adapter_path), adapter_scale)] if self.adapter_path else []
@@ -178,8 +181,9 @@ class Decoder:
         return with_bos(self.model.tokenize(text), self.model.bos_id, self.model.add_bos)
 
     # -- generation --------------------------------------------------------------------------
-    def resolve_mode(self, mode: str | None) -> str:
-        mode = mode or self.default_mode
+    def resolve_mode(self, mode: str | None, sft_mode: str = "user") -> str:
+        """The mode named, else the adapter's default; `sft_mode` (GenConfig.sft_mode) for an OPPU adapter."""
+        mode = mode or (sft_mode if self.default_mode == "user" else self.default_mode)
         if mode not in MODES:
             raise CopeError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if mode in ("cope", "user") and not self.has_user_adapter:
@@ -190,7 +194,7 @@ class Decoder:
         """Yield text pieces as they are decided; returns the Generation (StopIteration.value)."""
         cfg = cfg or GenConfig()
         ids = self.prompt_ids(prompt)
-        mode = self.resolve_mode(cfg.mode)
+        mode = self.resolve_mode(cfg.mode, cfg.sft_mode)
         detok = StreamDetokenizer(cfg.stop)
         gen = Generation(text="", tokens=[], n_prompt=len(ids), stop_reason="length", mode=mode)
         for tok in self._tokens(ids, cfg, mode, gen):

@@ -165,15 +165,20 @@ def compare(specs: list[str], *, mentions: bool = True) -> tuple[str, dict]:
     users = len({k[0] for k in shared})
     lines = [f"# cope eval compare ({users} users, {len(shared)} queries that every side has"
              + ("" if mentions else "; every text without its @handles") + ")", "",
-             "| side | ROUGE-1 | ROUGE-L [95 % CI] | attribution [95 % CI] | words | length ratio |", "|---|---|---|---|---|---|"]
+             "| side | ROUGE-1 [95 % CI] | ROUGE-L [95 % CI] | attribution [95 % CI] | words | length ratio [95 % CI] |",
+             "|---|---|---|---|---|---|"]
     figures: dict = {"users": users, "queries": len(shared), "mentions": mentions,
                      "attribution_of_real_texts": ceiling.mean, "sides": {}}
     for label in labels:
         s = summary[label]
-        lines.append(f"| {label} | {s.rouge1:.3f} | {s.rougeL:.3f} {ci(s.rougeL_ci)} | {s.attribution.mean:.3f} "
-                     f"{ci(s.attribution)} | {s.words:.1f} | {s.length_ratio:.2f} |")
-        figures["sides"][label] = {"rouge1": s.rouge1, "rougeL": s.rougeL, "attribution": s.attribution.mean,
-                                   "words": s.words, "length_ratio": s.length_ratio}
+        lines.append(f"| {label} | {s.rouge1:.3f} {ci(s.rouge1_ci)} | {s.rougeL:.3f} {ci(s.rougeL_ci)} | "
+                     f"{s.attribution.mean:.3f} {ci(s.attribution)} | {s.words:.1f} | {s.length_ratio:.2f} "
+                     f"{ci(s.length_ratio_ci, 2)} |")
+        figures["sides"][label] = {
+            "rouge1": s.rouge1, "rouge1_ci": [s.rouge1_ci.low, s.rouge1_ci.high], "rougeL": s.rougeL,
+            "rougeL_ci": [s.rougeL_ci.low, s.rougeL_ci.high], "attribution": s.attribution.mean,
+            "attribution_ci": [s.attribution.low, s.attribution.high], "words": s.words,
+            "length_ratio": s.length_ratio, "length_ratio_ci": [s.length_ratio_ci.low, s.length_ratio_ci.high]}
     lines += [f"| (real texts) | | | {ceiling.mean:.3f} {ci(ceiling)} | | 1.00 |", "",
               f"Paired differences to {labels[0]} (95 % CI; query bootstrap, then user bootstrap):", "",
               "| side | ROUGE-L | ROUGE-L, users | attribution | same output |", "|---|---|---|---|---|"]

@@ -43,8 +43,8 @@ class EvalConfig:
     users: int | None = None  # evaluate the first N users of the file; None = all
     methods: tuple = METHODS  # which rows to generate
     model: str | None = None  # base model name or .gguf; None = the default (smollm2-135m)
-    alpha: float | None = None  # CoPe alpha; None = the task's default (lamp7: 0.1)
-    tau: float = 0.1  # head set threshold (the paper's 0.1)
+    alpha: float | None = None  # CoPe alpha; None = the task's default (lamp7: 0.7)
+    tau: float | None = None  # head set threshold; None = the task's default (the paper's 0.1; lamp7: 0.3)
     max_tokens: int | None = None  # new tokens per output; None = the task's cap (lamp7: 64)
     holdout: int = 0  # last N profile items per user become extra queries (and leave the training history)
     no_tam: bool = False  # amateur = the raw base (much cheaper: no TAM training)
@@ -226,7 +226,8 @@ def user_adapters(job_cfg: EvalConfig, pipe, user: EvalUser, need_dpo: bool) -> 
 
 
 def decoding_for(cfg: EvalConfig, task) -> Decoding:
-    return Decoding(alpha=task.default_alpha if cfg.alpha is None else cfg.alpha, tau=cfg.tau,
+    return Decoding(alpha=task.default_alpha if cfg.alpha is None else cfg.alpha,
+                    tau=task.default_tau if cfg.tau is None else cfg.tau,
                     max_tokens=cfg.max_tokens or task.max_new_tokens)
 
 

@@ -5,8 +5,9 @@ The adapters, TAM split and settings come from OUT/eval.json and OUT/users/*/sta
 already decoded is free), and sweep.md gives, per point, CoPe's pooled ROUGE-L and its
 difference to OPPU (the SFT adapter decoded alone) with paired bootstrap CIs, its authorship
 attribution accuracy (style.py) beside OPPU's, and its length. With more than one grid point it
-adds a per-user choice of the point, cross-fitted on each user's own queries (per_user_choice),
-and writes its rows to sweep-per-user.jsonl (a side for `cope eval compare`). The grid: alpha, tau,
+adds two choices of the point, cross-fitted on halves of the queries (cross_fitted_choice): per
+user, and one for everyone (a tuned default, scored on queries it was not tuned on); their rows
+go to sweep-per-user.jsonl and sweep-tuned.jsonl (sides for `cope eval compare`). The grid: alpha, tau,
 protect, and for OPPU and the swept row alike the repetition penalty, no_repeat_ngram and the
 adapter's weight in the expert.
 """
@@ -25,6 +26,7 @@ from cope_local.eval.runner import EvalConfig, out_dir
 
 HINT = "run `cope eval run` first"
 PER_USER = "sweep-per-user.jsonl"  # the rows of the per-user choice (written with more than one grid point)
+TUNED = "sweep-tuned.jsonl"  # the rows of the one point for everyone, chosen on the other half of the queries
 
 
 class GridPoint(NamedTuple):
@@ -112,22 +114,27 @@ def query_half(query_id: str) -> int:
     return int(hashlib.sha256(str(query_id).encode()).hexdigest()[:8], 16) % 2
 
 
-def per_user_choice(point_rows: dict[str, list[dict]], method: str, metric: str = "rougeL") -> list[dict]:
-    """Rows with each user's grid point chosen by `method`'s metric on the user's other half of queries.
+def cross_fitted_choice(point_rows: dict[str, list[dict]], method: str, metric: str = "rougeL", *,
+                        per_user: bool = True) -> list[dict]:
+    """Rows with a grid point chosen by `method`'s metric on the other half of the queries.
 
-    point_rows: grid point name -> its rows (every user, query and method). For each user and half h,
-    the point with the best mean metric of `method` on half 1-h gives all its rows of half h, the
-    swept method's and OPPU's alike (OPPU too depends on a point's repetition penalty); ties go to
-    the first point of the grid, and an empty other half to the first point. So a setting is never
-    chosen on the query it is scored on. Each returned row is a copy with `chosen_point` added.
+    point_rows: grid point name -> its rows (every user, query and method). per_user: for each user
+    and half h, the point with the best mean metric of `method` on the user's half 1-h gives all its
+    rows of the user's half h. Otherwise one point for everyone per half, chosen on every user's
+    half 1-h: what a default picked on this data scores on queries it was not picked on. The
+    swept method's rows and OPPU's go alike (OPPU too depends on a point's repetition penalty);
+    ties go to the first point of the grid, and an empty other half to the first point. So a
+    setting is never chosen on the query it is scored on. Each returned row is a copy with
+    `chosen_point` added.
     """
     names = list(point_rows)
     by_point = {name: {(r["user_id"], r["query_id"]): r for r in rows if r["method"] == method}
                 for name, rows in point_rows.items()}
     keys = [k for k in by_point[names[0]] if all(k in by_point[n] for n in names)]
+    group_of = (lambda k: k[0]) if per_user else (lambda k: "everyone")
     out = []
-    for user in dict.fromkeys(k[0] for k in keys):
-        mine = [k for k in keys if k[0] == user]
+    for group in dict.fromkeys(group_of(k) for k in keys):
+        mine = [k for k in keys if group_of(k) == group]
         for half in (0, 1):
             other = [k for k in mine if query_half(k[1]) != half]
             best = names[0]
@@ -235,17 +242,24 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
         lines.append(f"| {p.alpha:g} | {p.tau:g} | {p.protect} | {p.rp:g} | {p.ngram or 'off'} | {p.scale:g} | {cells}")
         points[name] |= {"alpha": p.alpha, "tau": p.tau, "protect": p.protect, "repetition_penalty": p.rp,
                          "no_repeat_ngram": p.ngram, "adapter_scale": p.scale}
-    if len(point_rows) > 1:  # a per-user choice of the grid point, cross-fitted on each user's own queries
-        chosen = per_user_choice(point_rows, method)
-        write_rows(out_dir(cfg) / PER_USER, chosen)
-        cells, points["per-user"] = compare_to_oppu(chosen, method)
-        picks = sorted({r["chosen_point"] for r in chosen})
-        points["per-user"]["points_chosen"] = picks
-        lines.append(f"| per user | per user | | | | | {cells}")
-        lines += ["", ("per user: each user's point is the one with the best mean ROUGE-L on the other half of that "
-                       "user's queries (2-fold, halves by hash of the query id), so no query is scored under a setting "
-                       f"chosen on itself; points chosen: {', '.join(picks)}; its rows: {PER_USER} (a side for "
-                       f"`cope eval compare {cfg.out}/{PER_USER}:{method}`)")]
+    if len(point_rows) > 1:  # the grid point chosen on the other half of the queries, per user and for everyone
+        notes = []  # below the table, one paragraph per choice
+        for name, per_user, file, label, how in (
+                ("per-user", True, PER_USER, "per user", "each user's point is the one with the best mean ROUGE-L "
+                 "on the other half of that user's queries"),
+                ("tuned", False, TUNED, "tuned", "one point for every user, the one with the best mean ROUGE-L on "
+                 "the other half of every user's queries: what a default tuned on this data scores on queries it "
+                 "was not tuned on")):
+            chosen = cross_fitted_choice(point_rows, method, per_user=per_user)
+            write_rows(out_dir(cfg) / file, chosen)
+            cells, points[name] = compare_to_oppu(chosen, method)
+            picks = sorted({r["chosen_point"] for r in chosen})
+            points[name]["points_chosen"] = picks
+            lines.append(f"| {label} | {label} | | | | | {cells}")
+            notes += ["", f"{label}: {how} (2-fold, halves by hash of the query id), so no query is scored under a "
+                          f"setting chosen on itself; points chosen: {', '.join(picks)}; its rows: {file} (a side for "
+                          f"`cope eval compare {cfg.out}/{file}:{method}`)"]
+        lines += notes
     atomic_write_text(out_dir(cfg) / "sweep.md", "\n".join(lines) + "\n", mode=0o644)
     return {"out": str(out_dir(cfg)), "users": len(selected) - len(skipped), "skipped": skipped,
             "generated": sum(r["generated"] for r in res),

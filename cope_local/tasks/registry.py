@@ -88,6 +88,8 @@ class Task:
     target_fields: tuple[str, ...] = DEFAULT_TARGET_FIELDS  # row fields holding the user's text (ingest)
     input_fields: tuple[str, ...] = DEFAULT_INPUT_FIELDS  # row fields holding its input (ingest)
     input_format: str = ""  # several row fields joined into {input} (LongLaMP review); "" = one field of input_fields
+    default_tau: float = 0.1  # CoPe head set: p_user >= tau * max p_user; the paper's 0.1 unless measured on the task
+    sft_mode: str = "user"  # draft mode of an OPPU (SFT-only) adapter: "cope" only where the contrast on it measured better
 
     def row_input(self, row: dict) -> str | None:
         """{input} for a multi-field benchmark row (input_format), or None when the task has none or a field is missing."""
@@ -245,8 +247,11 @@ TASKS: dict[str, Task] = {
         Task("lamp7", "paraphrase a tweet in your voice - LaMP-7",
              "Paraphrase the following tweet without any explanation before or after it: {input}",
              default_alpha=0.7,  # `cope eval sweep`, 39 LaMP-7 dev users, clean inputs: CoPe - OPPU ROUGE-L -.004/-.001/
-             #   +.005/+.013 at .1/.3/.5/.7 (CIs hold 0), attribution +.029 [+.005, +.053] at .7 (README "Results")
-             max_new_tokens=64, input_kind="source", missing="paraphrase"),
+             #   +.005/+.013 at .1/.3/.5/.7 (tau .1), and .9/1.0 collapse (-.033/-.098) (README "Results")
+             max_new_tokens=64, input_kind="source", missing="paraphrase",
+             default_tau=0.3,  # at alpha .7: +.009/.013/.013/.018/.015/.015 at tau .05/.1/.2/.3/.4/.5 (.3-.5: CIs above 0);
+             #   the point chosen on either half of the queries among alpha .5/.7 x tau .1-.5, +.018 [+.006, +.032]
+             sft_mode="cope"),  # so an OPPU adapter drafts with the contrast here (attribution +.029 [+.005, +.053])
     ]
 }
 # Benchmark-only tasks (LongLaMP, Kumar et al. 2024), with the benchmarks' own prompts: `cope eval` and get_task
