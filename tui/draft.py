@@ -274,14 +274,13 @@ class DraftScreen(Screen):
         how = "greedy" if temperature == 0 else f"sampled T {temperature:g} seed {seed}"
         self.status(f"drafting ({task.name}, α {alpha:g}, {how}) · Esc stops")
         self.refresh_bindings()
-        self.run_worker(lambda: self._draft_worker(text, task.name, messages, plan, alpha, max_tokens, temperature,
+        self.run_worker(lambda: self._draft_worker(text, task, messages, plan, alpha, max_tokens, temperature,
                                                    seed, self.stop_event),
                         thread=True, exclusive=True, group="draft", name="draft")
 
-    def _draft_worker(self, text, task_name, messages, plan, alpha, max_tokens, temperature, seed, stop) -> None:
+    def _draft_worker(self, text, task, messages, plan, alpha, max_tokens, temperature, seed, stop) -> None:
         """Worker thread: load if needed, then stream each pane in turn (one decoder, one stream at a time)."""
         app = self.app
-        task = get_task(task_name)
         try:
             app.ensure_loaded()
         except CopeError as exc:

@@ -37,16 +37,16 @@ MODES = ("cope", "user", "base")
 PROTECT = ("none", "eos", "eos+punct")  # tokens the contrast leaves alone (rule.cope_scores `protected`)
 
 
-def default_mode_for(adapter: Path | None, sft_mode: str = "user") -> str:
+def default_mode_for(adapter: Path | None) -> str:
     """The mode of a draft that names none: base without a user adapter; cope for an adapter trained
-    with DPO on synthetic negatives (the paper's pipeline, whose DPO is made for the contrast);
-    `sft_mode` for any other adapter (OPPU): the task's measured best (Task.sft_mode), user unless
-    the contrast on OPPU beat it on the task's benchmark (LaMP-7, README "Results")."""
+    with DPO on synthetic negatives (the paper's pipeline, whose DPO is made for the contrast); user
+    for any other adapter (OPPU), which Decoder.resolve_mode replaces with the task's measured best
+    (GenConfig.sft_mode from Task.sft_mode: cope on LaMP-7, README "Results")."""
     if adapter is None:
         return "base"
     from cope_local.gguf_file import read_header
 
-    return "cope" if read_header(adapter, what="adapter").get("cope.train.dpo") is True else sft_mode
+    return "cope" if read_header(adapter, what="adapter").get("cope.train.dpo") is True else "user"
 
 
 @dataclass
