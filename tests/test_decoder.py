@@ -76,6 +76,15 @@ def test_contrast_changes_the_text_and_user_differs_from_base(decoder):
     assert changed >= 1
 
 
+def test_adaptive_head_set_is_one_token_where_the_expert_is_sure(decoder):
+    for prompt in PROMPTS:
+        user = decoder.generate(prompt, GenConfig(mode="user", max_tokens=30))
+        tiny = decoder.generate(prompt, GenConfig(mode="cope", alpha=0.7, head_p=1e-6, max_tokens=30))
+        assert tiny.tokens == user.tokens and max(tiny.head_sizes) == 1  # head = the top token: user greedy
+        wide = decoder.generate(prompt, GenConfig(mode="cope", alpha=0.7, head_p=0.5, max_tokens=30))
+        assert max(wide.head_sizes) > 1 and min(wide.head_sizes) == 1  # grows and shrinks with the expert's doubt
+
+
 def test_protected_masks_and_a_protected_end_of_turn(decoder):
     import unicodedata
 

@@ -303,7 +303,7 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     assert sweep["points"][f"0.7,{tau}"]["cope_rougeL"] == pytest.approx(first["methods"]["cope"]["rougeL"])
     assert 0.0 <= sweep["points"][f"0.7,{tau},eos"]["cope_attribution"] <= 1.0
     md = (out / "sweep.md").read_text()
-    assert f"| 0.5 | {tau:g} | none | 1 |" in md and f"| 0.5 | {tau:g} | eos | 1 |" in md
+    assert f"| 0.5 | {tau:g} | off | none | 1 |" in md and f"| 0.5 | {tau:g} | off | eos | 1 |" in md
     per_user = sweep["points"].pop("per-user")  # a point chosen per user on the other half of the user's queries
     assert set(per_user["points_chosen"]) <= set(sweep["points"]) and per_user["n"] == 4
     assert min(p["cope_rougeL"] for p in sweep["points"].values()) <= per_user["cope_rougeL"] \
@@ -329,7 +329,7 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
                  "--method", "oppu+cd", "--no-repeat-ngram", "1", "--json"]) == 0
     sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sweep["generated"] == 8 and set(sweep["points"]) == {"0.5,0.1,nr1"}
-    assert "| 0.5 | 0.1 | none | 1 | 1 |" in (out / "sweep.md").read_text()
+    assert "| 0.5 | 0.1 | off | none | 1 | 1 |" in (out / "sweep.md").read_text()
     assert sum(r["settings"].get("no_repeat_ngram") == 1 for r in read_rows(out / "results.jsonl")) == 8
     # and the adapter's weight in the expert: at scale 0 the expert is the base, so OPPU writes the base's text
     assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.5", "--tau", "0.1",
@@ -339,7 +339,7 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     scaled = [r for r in read_rows(out / "results.jsonl") if r["settings"].get("adapter_scale") == 0]
     assert sorted(r["method"] for r in scaled) == ["oppu"] * 4 + ["oppu+cd"] * 4
     assert all(r["output"] == base[(r["user_id"], r["query_id"])] for r in scaled if r["method"] == "oppu")
-    assert "| 0.5 | 0.1 | none | 1 | off | 0 |" in (out / "sweep.md").read_text()
+    assert "| 0.5 | 0.1 | off | none | 1 | off | 0 |" in (out / "sweep.md").read_text()
     # without --json: a line per point, the per-user choice included, all cached now (oppu and cope per point)
     assert main(["eval", "sweep", "--data", str(data), "--out", str(out), "--alpha", "0.7,0.5", "--tau", f"{tau:g}"]) == 0
     printed = capsys.readouterr().out
@@ -388,17 +388,21 @@ def test_eval_run_with_tams_one_per_fold_never_trained_on_its_users(tmp_path, ca
     from cope_local.cli import main
     from cope_local.eval.results import read_rows
 
-    data = tmp_path / "users.jsonl"  # ann is in fold B, cat in fold A
-    data.write_text("".join(json.dumps(_user_row(u, n_queries=2)) + "\n" for u in ("ann", "cat")), encoding="utf-8")
+    data = tmp_path / "users.jsonl"  # ann is in fold B, cat and dup in fold A; dup has too little history
+    dup = {**_user_row("dup"), "profile": [{"text": "same tweet again #dup"}] * 10}
+    data.write_text("".join(json.dumps(_user_row(u, n_queries=2)) + "\n" for u in ("ann", "cat"))
+                    + json.dumps(dup) + "\n", encoding="utf-8")
     out = tmp_path / "out"
     argv = ["eval", "run", "--data", str(data), "--out", str(out), "--methods", "base,tam,oppu,oppu+cd",
             "--max-steps", "1", "--max-tokens", "8", "--set", "tam.lr=0.01", "--set", "max_target_tokens=32", "--json"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # dup is skipped, as a user and as a donor of fold B's TAM, and does not stop the run
+    assert list(summary["skipped"]) == ["dup"] and "need at least 8" in summary["skipped"]["dup"]
     assert [(t["fold"], t["users"], t["items"]) for t in summary["phases"]["tam"]] == [("A", 1, 10), ("B", 1, 10)]
     for fold, own, donor in (("A", "cat", "ann"), ("B", "ann", "cat")):
         items = (out / "tams" / f"fold-{fold}" / "items.jsonl").read_text()
-        assert f"#{donor}" in items and f"#{own}" not in items
+        assert f"#{donor}" in items and f"#{own}" not in items and "#dup" not in items
     rows = list(read_rows(out / "results.jsonl"))
     assert len(rows) == 2 * 2 * 4
     tam_sha = {f: hashlib.sha256((out / "tams" / f"fold-{f}" / "tam.gguf").read_bytes()).hexdigest() for f in "AB"}

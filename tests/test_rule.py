@@ -39,6 +39,29 @@ def test_head_set_is_exactly_the_tau_ratio_set(logits, tau):
     assert np.array_equal(inside[margin], (ratio >= tau)[margin])
 
 
+@settings(max_examples=200, deadline=None)
+@given(logits_1d, st.floats(0.01, 1.0))
+def test_nucleus_head_is_the_fewest_top_tokens_holding_head_p(logits, head_p):
+    head = rule.nucleus_head(logits, head_p)
+    p = np.exp(_log_softmax(logits))
+    assert np.all(np.diff(head) > 0) and p[head].max() == p.max()  # ascending ids; the top token (or a tie) in
+    outside = np.setdiff1d(np.arange(len(logits)), head)
+    if outside.size:  # every token in it is at least as likely as every token left out
+        assert p[head].min() >= p[outside].max() - 1e-12
+    mass = p[np.sort(p)[::-1] >= p[head].min()].sum()
+    assert p[head].sum() >= head_p - 1e-9 or mass >= 1 - 1e-9  # holds head_p (or everything)
+    assert p[head].sum() - p[head].min() < head_p + 1e-9  # one token fewer would not
+
+
+def test_nucleus_head_is_one_token_where_the_expert_is_sure_and_wide_where_it_hesitates():
+    sure = np.log(np.array([0.55, 0.40, 0.05]))  # the tau rule (0.3) keeps the runner-up, the nucleus does not
+    assert rule.nucleus_head(sure, 0.5).tolist() == [0] and rule.head_set(sure, 0.3).tolist() == [0, 1]
+    torn = np.log(np.array([0.05, 0.30, 0.30, 0.30, 0.05]))
+    assert rule.nucleus_head(torn, 0.5).tolist() == [1, 2] and rule.nucleus_head(torn, 0.85).tolist() == [1, 2, 3]
+    wide = np.random.default_rng(0).normal(0, 0.01, 5000)  # nearly flat: wider than the first 1024 candidates
+    assert 1024 < len(rule.nucleus_head(wide, 0.5)) < 5000
+
+
 @settings(max_examples=100, deadline=None)
 @given(logits_1d)
 def test_tau_one_keeps_only_the_maxima(logits):

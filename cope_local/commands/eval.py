@@ -53,6 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_data_args(s)
     s.add_argument("--alpha", default="0.1,0.3,0.5,0.7", help="comma-separated alphas (default 0.1,0.3,0.5,0.7)")
     s.add_argument("--tau", default="0.1,0.2", help="comma-separated taus (default 0.1,0.2)")
+    s.add_argument("--head-p", default="0", metavar="P,...",
+                   help="comma-separated masses of an adaptive head set used in place of tau: the fewest top tokens "
+                        "of the expert holding P of its probability (one token where it is sure); 0 = the tau rule "
+                        "(default)")
     s.add_argument("--protect", default="none", help="comma-separated token classes the contrast leaves alone: "
                                                      "none (the paper), eos, eos+punct (default none)")
     s.add_argument("--users", type=int, default=None, metavar="N", help="only the first N users (default: the run's)")
@@ -143,11 +147,12 @@ def cmd_eval_sweep(args) -> int:
                         protects=parse_protect(args.protect), users=args.users, method=args.method,
                         penalties=parse_grid(args.repetition_penalty, "repetition-penalty"),
                         ngrams=parse_ngrams(args.no_repeat_ngram),
-                        scales=parse_grid(args.adapter_scale, "adapter-scale", high=4))
+                        scales=parse_grid(args.adapter_scale, "adapter-scale", high=4),
+                        head_ps=parse_grid(args.head_p, "head-p", high=1))
     if args.json:
         print(json.dumps(summary, ensure_ascii=False, default=str))
     else:
-        for name, p in summary["points"].items():  # name: alpha,tau[,protect][,rpP][,nrN][,sS], or per-user
+        for name, p in summary["points"].items():  # name: alpha,tau[,protect][,rpP][,nrN][,sS][,hpP], or per-user
             print(f"  {name:<22} CoPe ROUGE-L {p['cope_rougeL']:.3f}  "
                   f"vs oppu {p['diff']:+.3f} [{p['query_ci'][0]:+.3f}, {p['query_ci'][1]:+.3f}]")
         print(f"{summary['generated']} generated, {summary['cached']} cached; report: {summary['out']}/sweep.md")

@@ -55,6 +55,7 @@ class GenConfig:
     sft_mode: str = "user"  # mode None with an SFT-only (OPPU) adapter: the task's measured best (Task.sft_mode)
     alpha: float = 0.3  # contrast strength; the paper uses 0.1-0.7, tasks set their own
     tau: float = 0.1  # head set: tokens with p_user >= tau * max p_user (the paper's 0.1)
+    head_p: float = 0.0  # > 0: the adaptive head set instead, top tokens holding head_p of p_user (rule.nucleus_head)
     max_tokens: int = 256  # new tokens at most
     temperature: float = 0.0  # 0 = greedy, the paper's setting; > 0 samples (seeded)
     top_p: float = 0.95  # nucleus mass when sampling
@@ -279,7 +280,7 @@ class Decoder:
         while True:
             user_logits = rule.penalize(user_logits, out, cfg.repetition_penalty)
             user_logits = rule.ban_repeats(user_logits, out, cfg.no_repeat_ngram)  # outside the head set from here on
-            head = rule.head_set(user_logits, cfg.tau)
+            head = rule.nucleus_head(user_logits, cfg.head_p) if cfg.head_p > 0 else rule.head_set(user_logits, cfg.tau)
             gen.head_sizes.append(len(head))
             guess = guess_logits = None
             if len(head) == 1:

@@ -25,6 +25,28 @@ def head_set(user_logits: np.ndarray, tau: float) -> np.ndarray:
     return np.flatnonzero(user_logits >= threshold)
 
 
+def nucleus_head(user_logits: np.ndarray, head_p: float) -> np.ndarray:
+    """An adaptive head set: the fewest top tokens of p_user holding head_p of its mass, ascending ids.
+
+    Unlike the tau rule it is a single token wherever the expert puts more than head_p on its top
+    token, however close the runner-up, so the contrast acts only where the expert really hesitates.
+    Which of several equally likely tokens at the cut gets in is unspecified. user_logits: (V,).
+    """
+    z = user_logits.astype(np.float64) - float(user_logits.max())
+    probs = np.exp(z)
+    probs /= probs.sum()  # (V,)
+    n = probs.shape[0]
+    for k in (64, 1024, n):  # the nucleus is usually far smaller than the vocabulary
+        k = min(k, n)
+        top = np.argpartition(-probs, k - 1)[:k] if k < n else np.arange(n)
+        top = top[np.argsort(-probs[top], kind="stable")]
+        cum = np.cumsum(probs[top])
+        if cum[-1] >= head_p or k == n:
+            cut = min(int(np.searchsorted(cum, head_p)) + 1, k)  # smallest prefix with mass >= head_p
+            return np.sort(top[:cut])
+    raise AssertionError("unreachable")
+
+
 def cope_scores(user_logits: np.ndarray, amateur_logits: np.ndarray, head: np.ndarray, alpha: float,
                 protected: np.ndarray | None = None) -> np.ndarray:
     """Implicit reward of each head token, up to a constant. -> (len(head),) float64.

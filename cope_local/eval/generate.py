@@ -52,10 +52,12 @@ class Decoding:
     no_repeat_ngram: int = 0  # GenConfig.no_repeat_ngram, for every method (0 = off)
     adapter_scale: float = 1.0  # the user adapter's weight in the expert (Decoder adapter_scale): 1 = as trained,
     #                             0 = the base; 0.5 = half its update (on LaMP-7 not a milder adapter: README)
+    head_p: float = 0.0  # GenConfig.head_p: > 0 = the adaptive (nucleus) head set in place of the tau rule
 
 
 # Settings a row leaves out when they are at these values, so rows made before each option existed stay valid
-SETTING_DEFAULTS = {"repetition_penalty": 1.0, "no_repeat_ngram": 0, "adapter_scale": 1.0, "protect": "none"}
+SETTING_DEFAULTS = {"repetition_penalty": 1.0, "no_repeat_ngram": 0, "adapter_scale": 1.0, "protect": "none",
+                    "head_p": 0.0}
 
 
 def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
@@ -70,7 +72,7 @@ def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
         options["adapter_scale"] = dec.adapter_scale
     if mode == "cope":
         s |= {"alpha": dec.alpha, "tau": dec.tau}
-        options["protect"] = dec.protect
+        options |= {"protect": dec.protect, "head_p": dec.head_p}
     return s | {k: v for k, v in options.items() if v != SETTING_DEFAULTS[k]}
 
 
@@ -108,7 +110,7 @@ def generate_user(user: EvalUser, queries: list[Query], methods, ad: Adapters, d
                                           adapter_scale=dec.adapter_scale)
                     cfg = GenConfig(mode=mode, alpha=dec.alpha, tau=dec.tau, max_tokens=dec.max_tokens, temperature=0.0,
                                     protect=dec.protect, repetition_penalty=dec.repetition_penalty,
-                                    no_repeat_ngram=dec.no_repeat_ngram)
+                                    no_repeat_ngram=dec.no_repeat_ngram, head_p=dec.head_p)
                     gen = decoder.generate(q.prompt, cfg)
                     text, stop = gen.text.strip(), gen.stop_reason
                 outputs[(q.id, method)] = text

@@ -139,7 +139,7 @@ def run_job(job: Job) -> dict:
     fn = {"inputs": _job_inputs, "tam": _job_tam, "user": _job_user}[job.kind]
     if not os.environ.get("COPE_EVAL_WORKER"):
         return fn(job)
-    who = job.user.user_id if job.user is not None else f"tam fold-{job.fold}"
+    who = f"tam fold-{job.fold}" if job.kind == "tam" else job.user.user_id  # a TAM job's user is only its task's
     stderr, sys.stderr = sys.stderr, _PrefixedLines(sys.stderr, f"[{who}] ")
     try:
         return fn(job)
@@ -156,7 +156,11 @@ def _job_inputs(job: Job) -> dict:
 
     ws = user_workspace(job.cfg, job.user)
     log = lambda m: _log(f"[{job.user.user_id}] {m}")
-    res = Pipeline(ws, job.train.updated({"tam_adapter": ""}), progress=job.cfg.progress, log=log).run(["inputs"])
+    try:
+        res = Pipeline(ws, job.train.updated({"tam_adapter": ""}), progress=job.cfg.progress, log=log).run(["inputs"])
+    except TooFewItems as e:  # as in _job_user: skipped, and no TAM learns from it (it has no inputs.jsonl)
+        log(f"skipped: {e}")
+        return {"user_id": job.user.user_id, "stages": {}, "skipped": str(e)}
     return {"user_id": job.user.user_id, "stages": _stage_info(res)}
 
 
@@ -332,6 +336,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     prep = list({u.user_id: u for u in selected + [u for f in folds for u in donors[f]]}.values())
     if folds:  # users' inputs first: the TAMs are trained on them
         phases["inputs"] = run_jobs([Job("inputs", cfg, train, u) for u in prep], cfg.jobs)
+        too_few = {r["user_id"] for r in phases["inputs"] if r.get("skipped")}  # no inputs, so no TAM data
+        donors = {f: [u for u in donors[f] if u.user_id not in too_few] for f in folds}
+        for f in folds:
+            if not donors[f]:
+                raise CopeError(f"{cfg.data}: no user of fold {other_fold(f)} has enough history for fold {f}'s "
+                                "TAM; use more users or --no-tam")
         phases["tam"] = run_jobs([Job("tam", cfg, train, donors[f][0], fold=f, tam_users=[u.name for u in donors[f]])
                                   for f in folds], cfg.jobs)
     phases["users"] = run_jobs([Job("user", cfg, train, u) for u in selected], cfg.jobs)

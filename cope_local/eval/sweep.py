@@ -7,9 +7,9 @@ difference to OPPU (the SFT adapter decoded alone) with paired bootstrap CIs, it
 attribution accuracy (style.py) beside OPPU's, and its length. With more than one grid point it
 adds two choices of the point, cross-fitted on halves of the queries (cross_fitted_choice): per
 user, and one for everyone (a tuned default, scored on queries it was not tuned on); their rows
-go to sweep-per-user.jsonl and sweep-tuned.jsonl (sides for `cope eval compare`). The grid: alpha, tau,
-protect, and for OPPU and the swept row alike the repetition penalty, no_repeat_ngram and the
-adapter's weight in the expert.
+go to sweep-per-user.jsonl and sweep-tuned.jsonl (sides for `cope eval compare`). The grid: alpha,
+tau (or the mass head_p of the adaptive head set), protect, and for OPPU and the swept row alike the
+repetition penalty, no_repeat_ngram and the adapter's weight in the expert.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ class GridPoint(NamedTuple):
     rp: float = 1.0  # repetition penalty (oppu and the swept row)
     ngram: int = 0  # no_repeat_ngram (oppu and the swept row)
     scale: float = 1.0  # the user adapter's weight in the expert (oppu and the swept row)
+    head_p: float = 0.0  # > 0: the adaptive head set (nucleus of p_user) in place of the tau rule
 
     @property
     def name(self) -> str:
         return (f"{self.alpha},{self.tau}" + (f",{self.protect}" if self.protect != "none" else "")
                 + (f",rp{self.rp:g}" if self.rp != 1.0 else "") + (f",nr{self.ngram}" if self.ngram else "")
-                + (f",s{self.scale:g}" if self.scale != 1.0 else ""))
+                + (f",s{self.scale:g}" if self.scale != 1.0 else "") + (f",hp{self.head_p:g}" if self.head_p else ""))
 
 
 @dataclass
@@ -101,7 +102,7 @@ def sweep_job(job: SweepJob) -> dict:
     out = {"user_id": user.user_id, "generated": 0, "cached": 0, "keys": {}}
     for p in job.grid:
         stats = generate_user(user, queries, ("oppu", job.method), ad,
-                              Decoding(p.alpha, p.tau, base_dec.max_tokens, p.protect, p.rp, p.ngram, p.scale),
+                              Decoding(p.alpha, p.tau, base_dec.max_tokens, p.protect, p.rp, p.ngram, p.scale, p.head_p),
                               results, done)
         out["generated"] += stats["generated"]
         out["cached"] += stats["cached"]
@@ -197,7 +198,7 @@ def parse_grid(text: str, what: str, *, number=float, high: float = 10) -> list:
 def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, outputs: str | None = None,
               jobs: int = 1, command: str = "", protects: list[str] = ("none",), users: int | None = None,
               method: str = "cope", penalties: list[float] = (1.0,), ngrams: list[int] = (0,),
-              scales: list[float] = (1.0,)) -> dict:
+              scales: list[float] = (1.0,), head_ps: list[float] = (0.0,)) -> dict:
     from cope_local.eval.results import RESULTS, latest, read_rows, repair_tail, write_rows
     from cope_local.eval.runner import run_jobs, select_users, train_config
     from cope_local.paths import atomic_write_text
@@ -211,8 +212,8 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
     everyone, selected = select_users(cfg)
     attributor = attributor_for(everyone)
     train = train_config(cfg)
-    grid = [GridPoint(a, t, p, r, n, s) for a in alphas for t in taus for p in protects for r in penalties for n in ngrams
-            for s in scales]
+    grid = [GridPoint(a, t, p, r, n, s, h) for a in alphas for t in taus for p in protects for r in penalties
+            for n in ngrams for s in scales for h in head_ps]
     repair_tail(out_dir(cfg) / RESULTS)
     if method not in ("cope", "oppu+cd"):
         raise CopeError(f"--method {method!r}: sweep cope or oppu+cd")
@@ -224,10 +225,10 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
              f"- data: {cfg.data}; users: {len(selected) - len(skipped)}; TAM: {tam}",
              *[f"- skipped: {u} ({why})" for u, why in skipped.items()], "",
              f"- swept: {method} against oppu (the SFT adapter decoded alone)", "",
-             ("| alpha | tau | protect | rep. penalty | no-repeat n | adapter scale | CoPe ROUGE-L | OPPU ROUGE-L "
+             ("| alpha | tau | head p | protect | rep. penalty | no-repeat n | adapter scale | CoPe ROUGE-L | OPPU ROUGE-L "
               "| CoPe - OPPU (query CI) | (user CI) | CoPe attribution | OPPU attribution "
               "| attribution CoPe - OPPU (query CI) | CoPe words | OPPU words |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     points, point_rows = {}, {}
     for p in grid:
         name = p.name
@@ -239,9 +240,9 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
             continue
         point_rows[name] = rows
         cells, points[name] = compared
-        lines.append(f"| {p.alpha:g} | {p.tau:g} | {p.protect} | {p.rp:g} | {p.ngram or 'off'} | {p.scale:g} | {cells}")
+        lines.append(f"| {p.alpha:g} | {p.tau:g} | {p.head_p or 'off'} | {p.protect} | {p.rp:g} | {p.ngram or 'off'} | {p.scale:g} | {cells}")
         points[name] |= {"alpha": p.alpha, "tau": p.tau, "protect": p.protect, "repetition_penalty": p.rp,
-                         "no_repeat_ngram": p.ngram, "adapter_scale": p.scale}
+                         "no_repeat_ngram": p.ngram, "adapter_scale": p.scale, "head_p": p.head_p}
     if len(point_rows) > 1:  # the grid point chosen on the other half of the queries, per user and for everyone
         notes = []  # below the table, one paragraph per choice
         for name, per_user, file, label, how in (
@@ -255,7 +256,7 @@ def run_sweep(data: str, out: str, alphas: list[float], taus: list[float], *, ou
             cells, points[name] = compare_to_oppu(chosen, method)
             picks = sorted({r["chosen_point"] for r in chosen})
             points[name]["points_chosen"] = picks
-            lines.append(f"| {label} | {label} | | | | | {cells}")
+            lines.append(f"| {label} | {label} | | | | | | {cells}")
             notes += ["", f"{label}: {how} (2-fold, halves by hash of the query id), so no query is scored under a "
                           f"setting chosen on itself; points chosen: {', '.join(picks)}; its rows: {file} (a side for "
                           f"`cope eval compare {cfg.out}/{file}:{method}`)"]
