@@ -32,19 +32,7 @@ def nucleus_head(user_logits: np.ndarray, head_p: float) -> np.ndarray:
     token, however close the runner-up, so the contrast acts only where the expert really hesitates.
     Which of several equally likely tokens at the cut gets in is unspecified. user_logits: (V,).
     """
-    z = user_logits.astype(np.float64) - float(user_logits.max())
-    probs = np.exp(z)
-    probs /= probs.sum()  # (V,)
-    n = probs.shape[0]
-    for k in (64, 1024, n):  # the nucleus is usually far smaller than the vocabulary
-        k = min(k, n)
-        top = np.argpartition(-probs, k - 1)[:k] if k < n else np.arange(n)
-        top = top[np.argsort(-probs[top], kind="stable")]
-        cum = np.cumsum(probs[top])
-        if cum[-1] >= head_p or k == n:
-            cut = min(int(np.searchsorted(cum, head_p)) + 1, k)  # smallest prefix with mass >= head_p
-            return np.sort(top[:cut])
-    raise AssertionError("unreachable")
+    return np.sort(_nucleus(_softmax(user_logits), head_p))
 
 
 def cope_scores(user_logits: np.ndarray, amateur_logits: np.ndarray, head: np.ndarray, alpha: float,
@@ -107,30 +95,36 @@ def greedy(head: np.ndarray, scores: np.ndarray) -> int:
 
 
 def sample_top_p(scores: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Index into `scores` drawn from softmax(scores / T) truncated to the top-p nucleus.
-
-    Exact nucleus without sorting the whole vocabulary: try the top 64, then
-    the top 1024 candidates (argpartition), and sort everything only when
-    the nucleus is wider than that.
-    """
+    """Index into `scores` drawn from softmax(scores / T) truncated to the top-p nucleus (_nucleus)."""
     if temperature <= 0:
         return int(np.argmax(scores))
+    probs = _softmax(scores, temperature)
+    nucleus = _nucleus(probs, top_p)
+    p = probs[nucleus] / probs[nucleus].sum()
+    return int(nucleus[int(rng.choice(len(nucleus), p=p))])
+
+
+def _softmax(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(scores / T) in float64. -> (V,)"""
     z = scores.astype(np.float64) / temperature
     z -= z.max()
     probs = np.exp(z)
-    probs /= probs.sum()
+    return probs / probs.sum()
+
+
+def _nucleus(probs: np.ndarray, mass: float) -> np.ndarray:
+    """The fewest most likely ids holding `mass` of `probs`, most likely first (equal ones at the cut: any).
+
+    Exact without sorting the whole vocabulary: try the top 64, then the top 1024 candidates
+    (argpartition), and sort everything only when the nucleus is wider than that.
+    """
     n = probs.shape[0]
     for k in (64, 1024, n):
         k = min(k, n)
-        if k < n:
-            top = np.argpartition(-probs, k - 1)[:k]
-        else:
-            top = np.arange(n)
+        top = np.argpartition(-probs, k - 1)[:k] if k < n else np.arange(n)
         top = top[np.argsort(-probs[top], kind="stable")]
         cum = np.cumsum(probs[top])
-        if cum[-1] >= top_p or k == n:
-            cut = int(np.searchsorted(cum, top_p)) + 1  # smallest prefix with mass >= top_p
-            nucleus = top[: min(cut, k)]
-            p = probs[nucleus] / probs[nucleus].sum()
-            return int(nucleus[int(rng.choice(len(nucleus), p=p))])
+        if cum[-1] >= mass or k == n:
+            cut = int(np.searchsorted(cum, mass)) + 1  # smallest prefix with mass >= `mass`
+            return top[: min(cut, k)]
     raise AssertionError("unreachable")

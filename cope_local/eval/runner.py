@@ -158,7 +158,7 @@ def _job_inputs(job: Job) -> dict:
     log = lambda m: _log(f"[{job.user.user_id}] {m}")
     try:
         res = Pipeline(ws, job.train.updated({"tam_adapter": ""}), progress=job.cfg.progress, log=log).run(["inputs"])
-    except TooFewItems as e:  # as in _job_user: skipped, and no TAM learns from it (it has no inputs.jsonl)
+    except TooFewItems as e:  # as in _job_user: skipped, and run_eval drops it from the TAMs' donors
         log(f"skipped: {e}")
         return {"user_id": job.user.user_id, "stages": {}, "skipped": str(e)}
     return {"user_id": job.user.user_id, "stages": _stage_info(res)}
