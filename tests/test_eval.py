@@ -157,6 +157,31 @@ def test_held_out_items_whose_input_gives_the_text_away_are_not_queries(tmp_path
     assert not gives_away("I love cats", "cat") and not gives_away("anything", " !! ")  # whole words; no text
 
 
+def test_one_paragraph_ends_every_output_at_its_first_blank_line(tmp_path, default_model, no_network):
+    """--one-paragraph: the same greedy output cut at its first blank line (a base model without a chat
+    template repeats its answer after one); rows made without it keep their keys."""
+    from cope_local.eval.generate import Adapters, Decoding, generate_user
+    from cope_local.eval.results import read_rows
+
+    user = EvalUser(user_id="ann", task="lamp7", history=[], queries=[])
+    # SmolLM2 answers this with "Dear [Landlord's Name],", a blank line, then more (64 tokens, no end of turn)
+    prompt = "Give me a two-paragraph note to my landlord about the broken heater."
+    query = Query("q0", prompt, "Dear Sam, the heater is broken again.", "query")
+    ad = Adapters(base=default_model)
+    rows = {}
+    for flag in (False, True):
+        results = tmp_path / f"rows-{flag}.jsonl"
+        generate_user(user, [query], ("base",), ad, Decoding(0.7, 0.3, 64, one_paragraph=flag), results, set(),
+                      log=lambda m: None)
+        [rows[flag]] = read_rows(results)
+    whole, first = rows[False], rows[True]
+    assert "\n\n" in whole["output"] and whole["stop_reason"] == "length"
+    assert first["output"] == whole["output"].split("\n\n")[0].strip() and first["stop_reason"] == "stop"
+    assert first["output"].startswith("Dear") and len(first["output"]) < len(whole["output"]) / 3
+    assert first["settings"]["one_paragraph"] is True and "one_paragraph" not in whole["settings"]
+    assert first["key"] != whole["key"]
+
+
 def test_lamp_pair_files_and_bad_input(tmp_path):
     from cope_local.errors import CopeError
 
@@ -223,6 +248,19 @@ def test_without_mentions_rescores_rows_on_the_text_beside_the_handles():
             {"output": "@ann @ann @ann", "reference": "@ann lunch?", "rouge1": 0.5, "rougeL": 0.5}]
     _without_mentions(rows)
     assert [r["rougeL"] for r in rows] == [1.0, 0.0] and rows[1]["output"] == ""  # a chain of handles says nothing
+
+
+def test_a_side_selects_rows_by_numbers_and_by_true_or_false(tmp_path):
+    from cope_local.eval.compare import matches, parse_side
+
+    (tmp_path / "results.jsonl").write_text("", encoding="utf-8")
+    row = lambda **s: {"method": "oppu+cd", "settings": {"alpha": 0.7, "tau": 0.3, **s}}  # noqa: E731
+    cut = parse_side(f"{tmp_path}:oppu+cd:alpha=0.7,one_paragraph=true")
+    assert cut.where == {"alpha": 0.7, "one_paragraph": True}
+    assert matches(row(one_paragraph=True), cut) and not matches(row(), cut)
+    plain = parse_side(f"{tmp_path}:oppu+cd:alpha=0.7")  # a folder: options not named must be at their defaults
+    assert matches(row(), plain) and not matches(row(one_paragraph=True), plain)
+    assert parse_side(f"{tmp_path}:oppu+cd:one_paragraph=False").where == {"one_paragraph": False}
 
 
 def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env):

@@ -218,3 +218,37 @@ def test_tam_then_profile_on_top_of_it(default_model, tmp_path, cope):
     assert default_mode_for(profiles.active_adapter("ro")) == "user"  # an SFT (OPPU) adapter drafts alone by default
     with pytest.raises(CopeError, match="no trained TAM"):
         train_profile("ro", tiny_cfg(tam_adapter="nothere"), progress=False)
+
+
+def test_a_named_paraphrase_model_writes_the_missing_inputs(default_model, convert_f32, tmp_path):
+    """paraphrase_model: another model than the one trained writes LaMP-7's inputs (Gemma 3 270M, a base
+    model, copies the tweet it should paraphrase; an instruct model writes them for it). Its answers are
+    cached under its own fingerprint, and naming another writer reruns the inputs stage."""
+    from cope_local.binding import base_fingerprint
+    from cope_local.train.paraphrase import Paraphraser
+    from cope_local.train.pipeline import Pipeline, train_profile
+    from cope_local.train.tam import Workspace
+
+    tweets = tmp_path / "tweets.jsonl"
+    tweets.write_text("".join(json.dumps({"output": f"@pal_{i} lol the bus was late again today, {i} times this week"})
+                              + "\n" for i in range(8)), encoding="utf-8")
+    p, _, _ = profiles.create_profile("tw", [tweets], task="lamp7")
+    ws = Workspace.from_profile(p)
+    cfg = tiny_cfg(paraphrase_model=str(convert_f32))
+    pipe = Pipeline(ws, cfg, progress=False)
+    assert pipe.paraphraser == convert_f32.resolve() and pipe.base == default_model.resolve()
+    assert base_fingerprint(convert_f32) != base_fingerprint(default_model)  # F32 tensors: another writer
+    assert pipe.key("inputs") != Pipeline(ws, tiny_cfg(), progress=False).key("inputs")
+
+    assert [r.status for r in train_profile("tw", cfg, stages=["inputs"], progress=False)] == ["ran"]
+    cached = [json.loads(x)["key"] for x in (p.stages_dir / "inputs.generated.jsonl").read_text().splitlines()]
+    from cope_local.tasks import paraphrase_messages
+
+    first = paraphrase_messages("@pal_0 lol the bus was late again today, 0 times this week")
+    assert len(cached) == 8 and Paraphraser(convert_f32, tmp_path / "x.jsonl").key(first) in cached
+    assert Paraphraser(default_model, tmp_path / "x.jsonl").key(first) not in cached
+    # the same writer again: nothing to do; the trained model writing them instead: the stage reruns
+    assert [r.status for r in train_profile("tw", cfg, stages=["inputs"], progress=False)] == ["skipped"]
+    assert [r.status for r in train_profile("tw", tiny_cfg(), stages=["inputs"], progress=False)] == ["ran"]
+    with pytest.raises(CopeError, match="unknown model"):
+        Pipeline(ws, tiny_cfg(paraphrase_model="no-such-model"), progress=False)

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--alpha", type=float, default=None, help="CoPe contrast weight (default: the task's; LaMP-7 0.7)")
     r.add_argument("--tau", type=float, default=None, help="CoPe head set threshold (default: the task's; LaMP-7 0.3)")
     r.add_argument("--max-tokens", type=int, default=None, help="new tokens per output (default: the task's cap)")
+    r.add_argument("--one-paragraph", action="store_true",
+                   help="end every output at its first blank line (a base model without a chat template, such as "
+                        "gemma3-270m, repeats its answer after one)")
     r.add_argument("--holdout", type=int, default=0, metavar="N",
                    help="the last N profile items of each user become extra queries and leave its training "
                         "history (default 0)")
@@ -125,7 +128,8 @@ def cmd_eval_run(args) -> int:
 
     cfg = EvalConfig(data=args.data, outputs=args.outputs, out=args.out, users=args.users,
                      methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), model=args.model,
-                     alpha=args.alpha, tau=args.tau, max_tokens=args.max_tokens, holdout=args.holdout,
+                     alpha=args.alpha, tau=args.tau, max_tokens=args.max_tokens, one_paragraph=args.one_paragraph,
+                     holdout=args.holdout,
                      no_tam=args.no_tam, jobs=_jobs(args.jobs), sets=tuple(args.sets), max_steps=args.max_steps,
                      device=args.device, command=_command(args, "run"),
                      progress=args.progress)

@@ -62,6 +62,9 @@ class Side:
 
 
 def _value(text: str):
+    """A setting's value as rows hold it: a number, true/false (one_paragraph=true), else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return float(text)
     except ValueError:

@@ -53,11 +53,13 @@ class Decoding:
     adapter_scale: float = 1.0  # the user adapter's weight in the expert (Decoder adapter_scale): 1 = as trained,
     #                             0 = the base; 0.5 = half its update (on LaMP-7 not a milder adapter: README)
     head_p: float = 0.0  # GenConfig.head_p: > 0 = the adaptive (nucleus) head set in place of the tau rule
+    one_paragraph: bool = False  # stop at the first blank line, for every method: a base model without a chat
+    #                              template (Gemma 3 270M) writes its answer, a blank line, then the answer again
 
 
 # Settings a row leaves out when they are at these values, so rows made before each option existed stay valid
 SETTING_DEFAULTS = {"repetition_penalty": 1.0, "no_repeat_ngram": 0, "adapter_scale": 1.0, "protect": "none",
-                    "head_p": 0.0}
+                    "head_p": 0.0, "one_paragraph": False}
 
 
 def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
@@ -67,7 +69,8 @@ def row_settings(method: str, prompt: str, ad: Adapters, dec: Decoding) -> dict:
          "prompt_sha": hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16],
          "tam": ad.tam_key if (uses_tam and ad.tam) else "none", "tam_split": ad.tam_split,
          "adapter": ad.keys.get(adapter) if adapter else None}
-    options = {"repetition_penalty": dec.repetition_penalty, "no_repeat_ngram": dec.no_repeat_ngram}  # every method
+    options = {"repetition_penalty": dec.repetition_penalty, "no_repeat_ngram": dec.no_repeat_ngram,  # every method
+               "one_paragraph": dec.one_paragraph}
     if adapter:  # only rows that decode a user adapter depend on its weight
         options["adapter_scale"] = dec.adapter_scale
     if mode == "cope":
@@ -110,7 +113,8 @@ def generate_user(user: EvalUser, queries: list[Query], methods, ad: Adapters, d
                                           adapter_scale=dec.adapter_scale)
                     cfg = GenConfig(mode=mode, alpha=dec.alpha, tau=dec.tau, max_tokens=dec.max_tokens, temperature=0.0,
                                     protect=dec.protect, repetition_penalty=dec.repetition_penalty,
-                                    no_repeat_ngram=dec.no_repeat_ngram, head_p=dec.head_p)
+                                    no_repeat_ngram=dec.no_repeat_ngram, head_p=dec.head_p,
+                                    stop=("\n\n",) if dec.one_paragraph else ())
                     gen = decoder.generate(q.prompt, cfg)
                     text, stop = gen.text.strip(), gen.stop_reason
                 outputs[(q.id, method)] = text

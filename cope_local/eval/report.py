@@ -106,7 +106,8 @@ def write_report(cfg, keys: dict, users, everyone=None, skipped: dict | None = N
     n_queries = len({(r["user_id"], r["query_id"]) for r in rows})
     n_held = len({(r["user_id"], r["query_id"]) for r in rows if r["query_kind"] == "holdout"})
     decoding = (f"greedy, max tokens {settings.get('max_tokens')}, alpha {settings.get('alpha', cfg.alpha)}, "
-                f"tau {settings.get('tau', cfg.tau)}")
+                f"tau {settings.get('tau', cfg.tau)}" + (", each output ends at its first blank line"
+                                                         if settings.get("one_paragraph") else ""))
     rouge_note = (f"rouge-score, F-measure, no stemming, mean over all queries; CIs: {RESAMPLES} bootstrap "
                   f"resamples (seed {SEED}), 95 % percentile")
     split = ("none (--no-tam): the amateur is the raw base, and `tam` equals `base`" if cfg.no_tam else

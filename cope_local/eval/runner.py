@@ -46,6 +46,7 @@ class EvalConfig:
     alpha: float | None = None  # CoPe alpha; None = the task's default (lamp7: 0.7)
     tau: float | None = None  # head set threshold; None = the task's default (the paper's 0.1; lamp7: 0.3)
     max_tokens: int | None = None  # new tokens per output; None = the task's cap (lamp7: 64)
+    one_paragraph: bool = False  # every output ends at its first blank line (Decoding.one_paragraph)
     holdout: int = 0  # last N profile items per user become extra queries (and leave the training history)
     no_tam: bool = False  # amateur = the raw base (much cheaper: no TAM training)
     jobs: int = 1  # users in parallel (spawned processes)
@@ -194,7 +195,7 @@ def user_train_config(job_cfg: EvalConfig, train, user: EvalUser):
     return train.updated({"tam_adapter": "" if job_cfg.no_tam else str(tam_dir(job_cfg, user.fold)), "dpo": True})
 
 
-def holdout_queries(user: EvalUser, ws, base: Path) -> list[Query]:
+def holdout_queries(user: EvalUser, ws, paraphraser: Path) -> list[Query]:
     """Held-out items as queries, their inputs made as the `inputs` stage makes training inputs.
     An item whose made input holds the whole text (the base model copied it, or refused and the text
     stood in) is not a query: its input would give the answer away. Training keeps such items."""
@@ -205,7 +206,7 @@ def holdout_queries(user: EvalUser, ws, base: Path) -> list[Query]:
         return []
     task = ws.task
     need = sum(task.needs_generated_input(i) for i in user.holdout)
-    with Paraphraser(base, ws.path / "holdout.generated.jsonl", total=need, progress=False) as para:
+    with Paraphraser(paraphraser, ws.path / "holdout.generated.jsonl", total=need, progress=False) as para:
         made = task.make_inputs(user.holdout, para if need else None)
     return [Query(f"holdout-{i.id}", task.training_pair(i)[0][-1]["content"], i.output, "holdout") for i in made
             if not gives_away(i.input or "", i.output)]
@@ -232,7 +233,7 @@ def user_adapters(job_cfg: EvalConfig, pipe, user: EvalUser, need_dpo: bool) -> 
 def decoding_for(cfg: EvalConfig, task) -> Decoding:
     return Decoding(alpha=task.default_alpha if cfg.alpha is None else cfg.alpha,
                     tau=task.default_tau if cfg.tau is None else cfg.tau,
-                    max_tokens=cfg.max_tokens or task.max_new_tokens)
+                    max_tokens=cfg.max_tokens or task.max_new_tokens, one_paragraph=cfg.one_paragraph)
 
 
 def _job_user(job: Job, train_stages: bool = True) -> dict:
@@ -255,7 +256,7 @@ def _job_user(job: Job, train_stages: bool = True) -> dict:
             return {"user_id": user.user_id, "name": user.name, "fold": user.fold, "queries": 0, "stages": {},
                     "generated": 0, "cached": 0, "keys": [], "skipped": str(e)}
     ad = user_adapters(cfg, pipe, user, need_dpo)
-    queries = user.queries + holdout_queries(user, ws, pipe.base)
+    queries = user.queries + holdout_queries(user, ws, pipe.paraphraser)
     results = out_dir(cfg) / RESULTS
     done = {row_key(r) for r in read_rows(results) if r["user_id"] == user.user_id}
     stats = generate_user(user, queries, cfg.methods, ad, decoding_for(cfg, ws.task), results, done, log=log)

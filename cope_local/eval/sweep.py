@@ -63,8 +63,8 @@ def load_run(data: str, out: str, outputs: str | None = None) -> EvalConfig:
     if Path(info["data"]).expanduser().resolve() != Path(data).expanduser().resolve():
         raise CopeError(f"--data {data}: the run in {path.parent} was on {info['data']}; give the same file "
                         f"or {HINT} on this one with another --out")
-    keep = {k: info[k] for k in ("data", "outputs", "out", "users", "model", "tau", "max_tokens", "holdout",
-                                 "no_tam", "max_steps", "device") if k in info}
+    keep = {k: info[k] for k in ("data", "outputs", "out", "users", "model", "tau", "max_tokens", "one_paragraph",
+                                 "holdout", "no_tam", "max_steps", "device") if k in info}
     keep["out"] = out  # as given now (the folder may have moved since the run)
     return EvalConfig(**keep, methods=("oppu", "cope"), sets=tuple(info.get("sets") or ()))
 
@@ -95,14 +95,15 @@ def sweep_job(job: SweepJob) -> dict:
         raise CopeError(f"{ws.path}: the adapters for user {user.user_id} are missing; {HINT}")
     pipe = Pipeline(ws, user_train_config(cfg, job.train, user), progress=False)
     ad = user_adapters(cfg, pipe, user, need_dpo=job.method == "cope")
-    queries = user.queries + holdout_queries(user, ws, pipe.base)
+    queries = user.queries + holdout_queries(user, ws, pipe.paraphraser)
     results = out_dir(cfg) / RESULTS
     done = {row_key(r) for r in read_rows(results) if r["user_id"] == user.user_id}
     base_dec = decoding_for(cfg, ws.task)
     out = {"user_id": user.user_id, "generated": 0, "cached": 0, "keys": {}}
     for p in job.grid:
         stats = generate_user(user, queries, ("oppu", job.method), ad,
-                              Decoding(p.alpha, p.tau, base_dec.max_tokens, p.protect, p.rp, p.ngram, p.scale, p.head_p),
+                              Decoding(p.alpha, p.tau, base_dec.max_tokens, p.protect, p.rp, p.ngram, p.scale, p.head_p,
+                                       base_dec.one_paragraph),
                               results, done)
         out["generated"] += stats["generated"]
         out["cached"] += stats["cached"]

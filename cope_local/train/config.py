@@ -60,6 +60,9 @@ class TrainConfig:
     dpo: bool = False  # True (--dpo): negatives + DPO after SFT, the paper's CoPe training; False: the SFT (OPPU)
     #                    adapter is exported. Off by default: on the LaMP-7 dev users neither the DPO adapter nor
     #                    CoPe decoding beat plain OPPU, and they cost 6-9x the SFT's time (README "Results")
+    paraphrase_model: str = ""  # model that writes missing inputs (LaMP-7's paraphrases): a name or .gguf; "" = the
+    #                            model being trained. A base model without a chat template (Gemma 3 270M) copies the
+    #                            text it should paraphrase; an instruct model writes the inputs for it
     tam_adapter: str = ""  # TAM the user adapter builds on: a name from `cope tam train` or its folder; "" = none (amateur = base)
     # safety
     watchdog_factor: float = 4.0  # stop when the smoothed loss exceeds this x its early value (divergence)
