@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,7 +70,7 @@ def load_run(data: str, out: str, outputs: str | None = None) -> EvalConfig:
 
 
 def sweep_job(job: SweepJob) -> dict:
-    from cope_local.eval.generate import Decoding, generate_user
+    from cope_local.eval.generate import generate_user
     from cope_local.eval.results import RESULTS, read_rows, row_key
     from cope_local.eval.runner import (
         decoding_for,
@@ -102,8 +102,8 @@ def sweep_job(job: SweepJob) -> dict:
     out = {"user_id": user.user_id, "generated": 0, "cached": 0, "keys": {}}
     for p in job.grid:
         stats = generate_user(user, queries, ("oppu", job.method), ad,
-                              Decoding(p.alpha, p.tau, base_dec.max_tokens, p.protect, p.rp, p.ngram, p.scale, p.head_p,
-                                       base_dec.one_paragraph),
+                              replace(base_dec, alpha=p.alpha, tau=p.tau, protect=p.protect, repetition_penalty=p.rp,
+                                      no_repeat_ngram=p.ngram, adapter_scale=p.scale, head_p=p.head_p),
                               results, done)
         out["generated"] += stats["generated"]
         out["cached"] += stats["cached"]
