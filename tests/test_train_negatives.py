@@ -148,3 +148,24 @@ def test_a_changed_pair_or_setting_is_redone(default_model, train_tiny_pairs, tr
     run_negatives(two, default_model, train_random_user.gguf, out, train_tiny_cfg(neg_samples=1))
     assert calls == [0, 1]
     assert all(len(r["candidates"]) == 1 and r["rejected"] == 0 for r in _rows(out))
+
+
+def test_a_pair_cap_mines_the_newest_pairs_as_an_uncapped_run_does(default_model, train_tiny_pairs, train_random_user,
+                                                                   train_tiny_negatives, tmp_path, monkeypatch):
+    """dpo_max_pairs = 2: only the last 2 pairs get negatives (same seeds: the uncapped run's rows), and DPO uses them."""
+    from cope_local.train.dpo import build_rows
+
+    out = tmp_path / "negatives.jsonl"
+    cfg = train_tiny_cfg(dpo_max_pairs=2)
+    calls = []
+    real = neg_mod.negatives_for_item
+    monkeypatch.setattr(neg_mod, "negatives_for_item", lambda *a: (calls.append(a[1]), real(*a))[1])
+    run_negatives(train_tiny_pairs, default_model, train_random_user.gguf, out, cfg)
+    n = len(TRAIN_TINY_HISTORY)
+    assert calls == [n - 2, n - 1]
+    assert _rows(out) == _rows(train_tiny_negatives)[-2:]
+    assert [r["id"] for r in build_rows(train_tiny_pairs, out, cfg)] == [p["id"] for p in _rows(train_tiny_pairs)[-2:]]
+    with pytest.raises(Exception, match="no negative for pair"):  # uncapped DPO on capped negatives: stale, an error
+        build_rows(train_tiny_pairs, out, train_tiny_cfg())
+    with pytest.raises(Exception, match="dpo_max_pairs is -1"):
+        run_negatives(train_tiny_pairs, default_model, train_random_user.gguf, out, train_tiny_cfg(dpo_max_pairs=-1))

@@ -50,15 +50,19 @@ from pathlib import Path
 from cope_local.errors import CopeError
 from cope_local.paths import atomic_write_text
 from cope_local.train.config import TrainConfig
-from cope_local.train.negatives import pair_digest, read_jsonl, read_pairs
+from cope_local.train.negatives import pair_digest, preference_indexes, read_jsonl, read_pairs
 
 METRICS = "dpo_metrics.json"
 
 
 # -- data ------------------------------------------------------------------------------------------
-def build_rows(pairs_path, negatives_path) -> list[dict]:
-    """[{id, prompt_ids, chosen_ids, rejected_ids}] in the pairs' order, checked against the pairs."""
+def build_rows(pairs_path, negatives_path, cfg: TrainConfig | None = None) -> list[dict]:
+    """[{id, prompt_ids, chosen_ids, rejected_ids}] in the pairs' order, checked against the pairs.
+
+    With cfg.dpo_max_pairs only the newest pairs, the ones the negatives stage mined."""
     pairs = read_pairs(pairs_path)
+    if cfg is not None:
+        pairs = [pairs[i] for i in preference_indexes(len(pairs), cfg)]
     negs = {str(r.get("id")): r for r in read_jsonl(negatives_path, what="negatives file")}
     rows = []
     for pair in pairs:
@@ -315,7 +319,7 @@ def run_dpo(pairs_path, negatives_path, base_gguf, sft_peft_dir, out_dir, cfg: T
     out_dir = Path(out_dir)
     if _adapter_done(out_dir):
         return out_dir
-    rows = build_rows(pairs_path, negatives_path)
+    rows = build_rows(pairs_path, negatives_path, cfg)
     work = _work_dir(out_dir, _inputs_key(rows, base_gguf, sft_peft_dir, tam_peft_dir, cfg))
     plan = choose_device(cfg.device, cfg.precision)  # also fixes torch's thread count
     print(f"dpo: {len(rows)} pairs on {plan.describe()}, reference = {cfg.dpo_reference}", file=sys.stderr)

@@ -95,6 +95,13 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def preference_indexes(n_pairs: int, cfg: TrainConfig) -> range:
+    """Which pairs get a negative and a DPO step: all, or the newest cfg.dpo_max_pairs (the pairs file's end)."""
+    if cfg.dpo_max_pairs < 0:
+        raise CopeError(f"dpo_max_pairs is {cfg.dpo_max_pairs}; it must be 0 (all pairs) or a positive count")
+    return range(max(0, n_pairs - cfg.dpo_max_pairs) if cfg.dpo_max_pairs else 0, n_pairs)
+
+
 def encode_pair(dec, row: dict, cfg: TrainConfig) -> tuple[list[int], list[int]]:
     """(prompt_ids, chosen_ids) exactly as SFT saw them and drafting builds them (cope_local.train.data)."""
     from cope_local.train.data import encode_row
@@ -319,7 +326,9 @@ def run_negatives(pairs_path, base_gguf, user_adapter_gguf, out_path, cfg: Train
     out_path = Path(out_path)
     rows = read_pairs(pairs_path)
     ids = [str(r["id"]) for r in rows]
-    wanted = {str(r["id"]): pair_digest(r) for r in rows}  # id -> digest, in the pairs' order
+    # a pair keeps its index in the whole file (sampling seeds): a capped run's rows equal an uncapped run's
+    indexes = preference_indexes(len(rows), cfg)
+    wanted = {ids[i]: pair_digest(rows[i]) for i in indexes}  # id -> digest, in the pairs' order
     if cfg.neg_samples < 1:
         raise CopeError(f"neg_samples is {cfg.neg_samples}; it must be at least 1")
     fp = fingerprint(base_gguf, user_adapter_gguf, tam_gguf, cfg)
@@ -329,18 +338,18 @@ def run_negatives(pairs_path, base_gguf, user_adapter_gguf, out_path, cfg: Train
         print(f"negatives: {out_path.name} is from other inputs or settings; making it again", file=sys.stderr)
     partial = out_path.with_name(out_path.name + ".partial")
     done = _load_partial(partial, fp, wanted)
-    progress = _Progress("negatives", len(rows), len(done))
+    progress = _Progress("negatives", len(wanted), len(done))
     if done:
-        print(f"negatives: resuming, {len(done)} of {len(rows)} items already done", file=sys.stderr)
+        print(f"negatives: resuming, {len(done)} of {len(wanted)} items already done", file=sys.stderr)
     with Decoder(base_gguf, user_adapter_gguf, tam=tam_gguf) as dec:
         turn_end = turn_end_id(dec.model, dec.chat_template)
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             with os.fdopen(fd, "a", encoding="utf-8") as f:
-                for index, row in enumerate(rows):
+                for index in indexes:
                     if ids[index] in done:
                         continue
-                    result = {**negatives_for_item(dec, index, row, cfg, turn_end), "fingerprint": fp}
+                    result = {**negatives_for_item(dec, index, rows[index], cfg, turn_end), "fingerprint": fp}
                     f.write(json.dumps(result, ensure_ascii=False) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
@@ -350,6 +359,6 @@ def run_negatives(pairs_path, base_gguf, user_adapter_gguf, out_path, cfg: Train
         finally:
             progress.close()
     with atomic_path(out_path) as tmp:
-        tmp.write_text("".join(json.dumps(done[i], ensure_ascii=False) + "\n" for i in ids), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(done[i], ensure_ascii=False) + "\n" for i in wanted), encoding="utf-8")
     partial.unlink(missing_ok=True)
     return out_path

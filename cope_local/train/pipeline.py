@@ -141,12 +141,16 @@ class Pipeline:
                   "tam": self.tam.key if self.tam else None, "seed": c.seed,
                   "neg": [c.neg_samples, c.neg_temperature, c.neg_top_p, c.neg_max_tokens, c.neg_reward_prompt,
                           c.neg_length_ratio]}
+            if c.dpo_max_pairs:  # only when on: the keys of runs without it stay valid
+                d["max_pairs"] = c.dpo_max_pairs
         elif stage == "dpo":
             d |= {"pairs": self._file_key(self.p("pairs"), "pairs"),
                   "negatives": self._file_key(self.p("negatives"), "negatives"),
                   "sft": self._file_key(self.p("sft_adapter"), "sft"), "tam": self.tam.key if self.tam else None,
                   "dpo": [c.dpo_beta, c.dpo_lr, c.dpo_epochs, c.dpo_batch_size, c.dpo_reference], "seed": c.seed,
                   "max_steps": c.max_steps, "precision": c.precision}
+            if c.dpo_max_pairs:
+                d["max_pairs"] = c.dpo_max_pairs
         elif stage == "export":
             d |= {"adapter": self._file_key(self.final_adapter(), "dpo" if self.uses_dpo else "sft"),
                   "base": base_fingerprint(self.base), "tam": self.tam.key if self.tam else None}
