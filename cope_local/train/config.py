@@ -60,8 +60,9 @@ class TrainConfig:
     edits_beta: float = 0.1  # DPO's common beta: the margin starts at 0 (reference = policy) and moves visibly
     # pipeline (cope_local/train/pipeline.py)
     dpo: bool = False  # True (--dpo): negatives + DPO after SFT, the paper's CoPe training; False: the SFT (OPPU)
-    #                    adapter is exported. Off by default: on the LaMP-7 dev users neither the DPO adapter nor
-    #                    CoPe decoding beat plain OPPU, and they cost 6-9x the SFT's time (README "Results")
+    #                    adapter is exported. Off by default: on the 39 LaMP-7 dev users CoPe with DPO (the paper's,
+    #                    or SFT reference/beta 0.1/lr 5e-5; 16 pairs) ties the contrast on the SFT adapter (+0.007,
+    #                    +0.009 ROUGE-L, CIs across 0), and uncapped it costs 6-9x the SFT's time (README "Results")
     paraphrase_model: str = ""  # model that writes missing inputs (LaMP-7's paraphrases): a name or .gguf; "" = the
     #                            model being trained. A base model without a chat template (Gemma 3 270M) copies the
     #                            text it should paraphrase; an instruct model writes the inputs for it
