@@ -325,7 +325,8 @@ def test_eval_run_end_to_end_and_cached(tmp_path, capsys, no_network, _eval_env)
     assert main([*argv, "--jobs", "2"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["generated"] == 0 and again["cached"] == len(rows)
-    assert all(s["status"] == "skipped" for u in again["phases"]["users"] for s in u["stages"].values())
+    assert all(s["status"] == ("off" if stage == "crossfit" else "skipped")  # crossfit: only with dpo_crossfit
+               for u in again["phases"]["users"] for stage, s in u["stages"].items())
     assert (out / "results.jsonl").stat().st_size == size
     assert again["methods"] == first["methods"]
 

@@ -57,7 +57,7 @@ def test_full_pipeline_activates_an_adapter_that_changes_drafts(default_model, t
 
     p, _, _ = profiles.create_profile("ro", [history(tmp_path, 8)], task="email-reply")
     results = train_profile("ro", tiny_cfg(), progress=False)
-    assert [(r.stage, r.status) for r in results] == [(s, "ran") for s in STAGES]
+    assert [(r.stage, r.status) for r in results] == [(s, "off" if s == "crossfit" else "ran") for s in STAGES]
     for stage, paths in stage_files(p).items():
         assert all(x.exists() for x in paths), stage
         marker = json.loads((p.stages_dir / f"{stage}.json").read_text())
@@ -82,7 +82,7 @@ def test_full_pipeline_activates_an_adapter_that_changes_drafts(default_model, t
 
     # a second run has nothing to do
     again = train_profile("ro", tiny_cfg(), progress=False)
-    assert [r.status for r in again] == ["skipped"] * len(STAGES)
+    assert [r.status for r in again] == ["off" if s == "crossfit" else "skipped" for s in STAGES]
 
     # an export that fails (the DPO adapter's weights are damaged) leaves the active adapter as it was
     before = p.active_path.read_text()
@@ -93,6 +93,64 @@ def test_full_pipeline_activates_an_adapter_that_changes_drafts(default_model, t
     assert p.active_path.read_text() == before and active.exists()
     assert draft(default_model, active, "user") == user_text  # the old adapter still works
     assert sorted(p.adapters_dir.glob("*.gguf")) == [active]  # no half-written export left behind
+
+
+def lora_weights(adapter_dir: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def mean_logprob(model, adapter, pairs: list[dict]) -> float:
+    """Mean log-probability per target token of `pairs` under the base with `adapter` (None: the base alone)."""
+    import numpy as np
+
+    from cope_local.decode import Decoder
+
+    with Decoder(model, adapter, n_ctx=512) as dec:
+        return float(np.mean([dec.token_logprobs(x["prompt_ids"] + x["target_ids"], len(x["prompt_ids"]),
+                                                 role="expert" if adapter else "amateur").mean() for x in pairs]))
+
+
+def test_crossfit_dpo_starts_from_an_adapter_that_never_saw_the_dpo_pairs(default_model, tmp_path):
+    import numpy as np
+
+    from cope_local.train.pipeline import train_profile
+
+    p, _, _ = profiles.create_profile("ro", [history(tmp_path, 10)], task="email-reply")
+    with pytest.raises(CopeError, match=r"dpo_crossfit needs dpo_max_pairs > 0.*--set dpo_max_pairs=16"):
+        train_profile("ro", tiny_cfg(dpo_crossfit=True), stages=["inputs", "pairs", "sft", "crossfit"], progress=False)
+    cfg = tiny_cfg(dpo_crossfit=True, dpo_max_pairs=3, dpo_reference="sft", dpo_lr=1e-3)
+    stages = ["inputs", "pairs", "sft", "crossfit", "negatives", "dpo"]
+    results = train_profile("ro", cfg, stages=stages, progress=False)
+    assert [r.status for r in results] == ["skipped"] * 3 + ["ran"] * 3  # the failed attempt made inputs, pairs, sft
+    s = p.stages_dir
+    pairs = [json.loads(x) for x in (s / "pairs.jsonl").read_text().splitlines()]
+    trained = [json.loads(x) for x in (s / "crossfit" / "pairs.jsonl").read_text().splitlines()]
+    negs = [json.loads(x) for x in (s / "negatives.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in trained] == [x["id"] for x in pairs[:7]]  # every pair but the newest 3
+    assert [n["id"] for n in negs] == [x["id"] for x in pairs[7:]]  # which are the ones mined (and DPO'd)
+    info = json.loads((s / "crossfit.json").read_text())["info"]
+    assert (info["examples"], info["held_out"], info["steps"]) == (7, 3, 3)
+
+    # the SFT adapter trained on the DPO pairs and raised their likelihood more than the crossfit adapter did
+    held = pairs[7:]
+    base_lp = mean_logprob(default_model, None, held)
+    sft_gain = mean_logprob(default_model, s / "sft" / "sft.gguf", held) - base_lp
+    crossfit_gain = mean_logprob(default_model, s / "crossfit" / "crossfit.gguf", held) - base_lp
+    assert sft_gain > crossfit_gain + 0.05, (sft_gain, crossfit_gain)
+
+    # DPO trained the crossfit adapter, not the SFT one: its weights moved away from the crossfit adapter's only
+    dpo, cross, sft = (lora_weights(s / d / "adapter") for d in ("dpo", "crossfit", "sft"))
+    assert dpo.keys() == cross.keys() == sft.keys()
+    dist = {name: sum(float(np.linalg.norm(dpo[k] - other[k])) for k in dpo) for name, other in (("crossfit", cross),
+                                                                                                ("sft", sft))}
+    assert 0 < dist["crossfit"] < dist["sft"] / 2, dist
+
+    # switching it off again: the SFT adapter mines and is trained; the sft stage is not redone
+    off = train_profile("ro", cfg.updated({"dpo_crossfit": False}), stages=stages, progress=False)
+    assert [(r.stage, r.status) for r in off] == [("inputs", "skipped"), ("pairs", "skipped"), ("sft", "skipped"),
+                                                 ("crossfit", "off"), ("negatives", "ran"), ("dpo", "ran")]
 
 
 def test_stages_skip_when_done_and_rerun_when_inputs_change(default_model, tmp_path):
@@ -208,7 +266,7 @@ def test_tam_then_profile_on_top_of_it(default_model, tmp_path, cope):
 
     profiles.create_profile("ro", [history(tmp_path, 8)], task="email-reply")
     results = train_profile("ro", tiny_cfg(max_steps=1, dpo=False, tam_adapter="replies"), progress=False)
-    assert [r.status for r in results] == ["ran", "ran", "ran", "off", "off", "ran", "ran"]
+    assert [r.status for r in results] == ["ran", "ran", "ran", "off", "off", "off", "ran", "ran"]  # crossfit, negatives, dpo
     assert profiles.active_tam("ro") == tam.gguf.resolve()
     from cope_local.gguf_file import read_header
 

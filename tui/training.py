@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 # Mirrors cope_local.train.pipeline.STAGES (tests check they agree); not imported, since
 # importing the training package from the UI process is what this module avoids.
-STAGES = ("inputs", "pairs", "sft", "negatives", "dpo", "export", "activate")
+STAGES = ("inputs", "pairs", "sft", "crossfit", "negatives", "dpo", "export", "activate")
 _LINE = re.compile(r"^\s*(?P<stage>[a-z]+):\s*(?P<rest>.*)$")
 _FRACTION = re.compile(r"(?:step\s+)?(\d+)\s*/\s*(\d+)")
 _LOSS = re.compile(r"\bloss\s+([-+]?\d+(?:\.\d+)?)(?:\s*->\s*([-+]?\d+(?:\.\d+)?))?")  # "loss 2.1" or "loss 2.1 -> 1.7"

@@ -32,15 +32,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
         "train", help="personalize: train and activate an adapter on the profile's history",
         description="Runs the stages inputs, pairs, sft, export, activate (with --dpo also negatives and dpo, "
-                    "the paper's CoPe training). Finished stages are skipped; an interrupted run resumes where it "
-                    "stopped. Settings come from the defaults (the paper's), the profile's [train] table, --config "
-                    "and --set, in that order.")
+                    "the paper's CoPe training; with --set dpo_crossfit=true also crossfit). Finished stages are "
+                    "skipped; an interrupted run resumes where it stopped. Settings come from the defaults (the "
+                    "paper's), the profile's [train] table, --config and --set, in that order.")
     p.add_argument("name", help="profile name")
     p.add_argument("--dpo", action="store_true",
                    help="also synthetic negatives + DPO, the paper's CoPe training (~7x the time; drafts then "
                         "default to cope mode; same as --set dpo=true)")
     p.add_argument("--stages", help="comma-separated stages to run (default: all): "
-                                    "inputs,pairs,sft,negatives,dpo,export,activate")
+                                    "inputs,pairs,sft,crossfit,negatives,dpo,export,activate")
     p.add_argument("--from-edits", action="store_true",
                    help="learn from your edits instead: DPO on (your edited draft > the generated one) pairs "
                         "saved in the TUI, starting from the trained adapter; then export, verify, activate")

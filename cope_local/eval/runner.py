@@ -32,7 +32,7 @@ from cope_local.eval.data import FOLDS, EvalUser, Query, fold_of, load_users, ot
 from cope_local.eval.generate import METHODS, Adapters, Decoding
 from cope_local.paths import atomic_write_text
 
-USER_STAGES = ("inputs", "pairs", "sft", "negatives", "dpo", "export")  # no `activate`: eval decodes by path
+USER_STAGES = ("inputs", "pairs", "sft", "crossfit", "negatives", "dpo", "export")  # no `activate`: eval decodes by path
 
 
 @dataclass

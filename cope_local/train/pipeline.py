@@ -3,8 +3,10 @@
     inputs     items.jsonl                         -> stages/inputs.jsonl (+ inputs.generated.jsonl cache)
     pairs      stages/inputs.jsonl                 -> stages/pairs.jsonl, pairs.meta.json
     sft        stages/pairs.jsonl (+ TAM peft)     -> stages/sft/adapter/ (peft), stages/sft/sft.gguf
+    crossfit   pairs but the DPO pairs             -> stages/crossfit/adapter/, crossfit.gguf (dpo_crossfit only)
     negatives  pairs + sft.gguf (+ TAM gguf)       -> stages/negatives.jsonl          (negatives.py)
     dpo        pairs + negatives + sft adapter     -> stages/dpo/adapter/ (peft)      (dpo.py)
+               (with dpo_crossfit the crossfit adapter takes the SFT adapter's place in these two)
     export     dpo (or sft) adapter                -> adapters/<name>-<time>.gguf (bound to the base)
     activate   the exported adapter                -> active.json, after the decoder loaded it and generated
 
@@ -16,6 +18,11 @@ resumes (SFT/DPO from their checkpoints, negatives from its partial file,
 paraphrases from their cache). `activate` is the only step that touches
 what drafts use, and only after the new adapter loaded and generated in the
 decoder: a failure anywhere before leaves the previous adapter active.
+
+With dpo_crossfit the preference stages work on the `crossfit` adapter in
+place of the SFT one: an SFT adapter of the same settings that did not see
+the DPO pairs (the newest dpo_max_pairs) mines their negatives and is what
+DPO trains, so its preference is learned on texts it was not fitted to.
 
 A TAM (`cope tam train`) is the same machinery on a folder home()/tams/NAME
 with the stages inputs, pairs, sft (cfg.tam LoRA) and export (tam.gguf +
@@ -38,7 +45,8 @@ from cope_local.paths import atomic_write_text
 from cope_local.train.config import TrainConfig
 from cope_local.train.tam import TamRef, Workspace, resolve_tam
 
-STAGES = ("inputs", "pairs", "sft", "negatives", "dpo", "export", "activate")
+STAGES = ("inputs", "pairs", "sft", "crossfit", "negatives", "dpo", "export", "activate")
+PREFERENCE_STAGES = ("crossfit", "negatives", "dpo")  # off unless cfg.dpo (crossfit: unless cfg.dpo_crossfit too)
 TAM_STAGES = ("inputs", "pairs", "sft", "export")
 PIPELINE_VERSION = 1  # part of every key: bump to invalidate old stage outputs
 KEEP_ADAPTERS = 2  # exported adapters kept in adapters/: the active one and the one before (to go back)
@@ -85,7 +93,9 @@ class Pipeline:
         s = self.stages_dir
         return {"inputs": s / "inputs.jsonl", "generated": s / "inputs.generated.jsonl", "pairs": s / "pairs.jsonl",
                 "pairs_meta": s / "pairs.meta.json", "sft": s / "sft", "sft_adapter": s / "sft" / "adapter",
-                "sft_gguf": s / "sft" / "sft.gguf", "negatives": s / "negatives.jsonl", "dpo": s / "dpo",
+                "sft_gguf": s / "sft" / "sft.gguf", "crossfit": s / "crossfit",
+                "crossfit_pairs": s / "crossfit" / "pairs.jsonl", "crossfit_adapter": s / "crossfit" / "adapter",
+                "crossfit_gguf": s / "crossfit" / "crossfit.gguf", "negatives": s / "negatives.jsonl", "dpo": s / "dpo",
                 "dpo_adapter": s / "dpo" / "adapter"}[name]
 
     def marker(self, stage: str) -> Path:
@@ -136,8 +146,13 @@ class Pipeline:
             val = val_settings(c, "tam" if self.ws.kind == "tam" else "sft")
             if val:  # only when on: the keys of runs without it stay valid
                 d["val"] = val
+        elif stage == "crossfit":
+            d |= {"pairs": self._file_key(self.p("pairs"), "pairs"), "spec": c.user.__dict__, "batch": c.sft_batch_size,
+                  "seed": c.seed, "max_steps": c.max_steps, "tam": self.tam.key if self.tam else None,
+                  "precision": c.precision, "max_pairs": c.dpo_max_pairs}
         elif stage == "negatives":
-            d |= {"pairs": self._file_key(self.p("pairs"), "pairs"), "sft": self._file_key(self.p("sft_gguf"), "sft"),
+            d |= {"pairs": self._file_key(self.p("pairs"), "pairs"),
+                  "sft": self._file_key(self.preference_start("gguf"), self.preference_source),
                   "tam": self.tam.key if self.tam else None, "seed": c.seed,
                   "neg": [c.neg_samples, c.neg_temperature, c.neg_top_p, c.neg_max_tokens, c.neg_reward_prompt,
                           c.neg_length_ratio]}
@@ -146,8 +161,9 @@ class Pipeline:
         elif stage == "dpo":
             d |= {"pairs": self._file_key(self.p("pairs"), "pairs"),
                   "negatives": self._file_key(self.p("negatives"), "negatives"),
-                  "sft": self._file_key(self.p("sft_adapter"), "sft"), "tam": self.tam.key if self.tam else None,
-                  "dpo": [c.dpo_beta, c.dpo_lr, c.dpo_epochs, c.dpo_batch_size, c.dpo_reference], "seed": c.seed,
+                  "sft": self._file_key(self.preference_start("adapter"), self.preference_source),
+                  "tam": self.tam.key if self.tam else None, "seed": c.seed,
+                  "dpo": [c.dpo_beta, c.dpo_lr, c.dpo_epochs, c.dpo_batch_size, c.dpo_reference],
                   "max_steps": c.max_steps, "precision": c.precision}
             if c.dpo_max_pairs:
                 d["max_pairs"] = c.dpo_max_pairs
@@ -167,6 +183,15 @@ class Pipeline:
     def uses_dpo(self) -> bool:
         return self.ws.kind == "profile" and self.cfg.dpo
 
+    @property
+    def preference_source(self) -> str:
+        """The stage whose adapter mines the negatives and starts the DPO: sft, or crossfit with dpo_crossfit."""
+        return "crossfit" if self.cfg.dpo_crossfit else "sft"
+
+    def preference_start(self, form: str) -> Path:
+        """That adapter as "gguf" (for llama.cpp's sampling and scoring) or "adapter" (peft, for DPO)."""
+        return self.p(f"{self.preference_source}_{form}")
+
     def final_adapter(self) -> Path:
         return self.p("dpo_adapter") if self.uses_dpo else self.p("sft_adapter")
 
@@ -178,6 +203,8 @@ class Pipeline:
             return [self.p("pairs"), self.p("pairs_meta")]
         if stage == "sft":
             return [self.p("sft_adapter")] + ([self.p("sft_gguf")] if self.ws.kind == "profile" else [])
+        if stage == "crossfit":
+            return [self.p("crossfit_adapter"), self.p("crossfit_gguf")]
         if stage == "negatives":
             return [self.p("negatives")]
         if stage == "dpo":
@@ -192,8 +219,8 @@ class Pipeline:
     def scratch(self, stage: str) -> list[Path]:
         s = self.stages_dir
         return {"inputs": [self.p("inputs")], "pairs": [self.p("pairs"), self.p("pairs_meta")], "sft": [self.p("sft")],
-                "negatives": [self.p("negatives"), s / "negatives.jsonl.partial"], "dpo": [self.p("dpo")],
-                "export": [], "activate": []}[stage]
+                "crossfit": [self.p("crossfit")], "negatives": [self.p("negatives"), s / "negatives.jsonl.partial"],
+                "dpo": [self.p("dpo")], "export": [], "activate": []}[stage]
 
     def is_current(self, stage: str, key: str, marker: dict) -> bool:
         if marker.get("state") != "done" or marker.get("key") != key:
@@ -211,9 +238,14 @@ class Pipeline:
                 raise CopeError(f"--stages {s!r}: unknown stage; choose from {','.join(allowed)}")
         results = []
         for stage in [s for s in allowed if s in wanted]:
-            if stage in ("negatives", "dpo") and not self.uses_dpo:
+            if stage in PREFERENCE_STAGES and not self.uses_dpo:
                 results.append(StageResult(stage, "off", info={"why": "dpo = false"}))
                 self.log(f"{stage}: off (the SFT adapter is exported; --dpo adds the paper's negatives + DPO)")
+                continue
+            if stage == "crossfit" and not self.cfg.dpo_crossfit:
+                results.append(StageResult(stage, "off", info={"why": "dpo_crossfit = false"}))
+                self.log(f"{stage}: off (negatives and DPO start from the SFT adapter; dpo_crossfit=true: from one "
+                         "that did not train on their pairs)")
                 continue
             results.append(self.run_stage(stage))
         return results
@@ -292,10 +324,39 @@ class Pipeline:
             self._export(self.p("sft_adapter"), self.p("sft_gguf"), {"stage": "sft"})
         return info
 
+    def _run_crossfit(self) -> dict:
+        """The user adapter again, on every pair but the ones negatives and DPO will use."""
+        from cope_local.train.data import read_pairs, read_pairs_meta, write_pairs
+        from cope_local.train.negatives import preference_indexes
+        from cope_local.train.sft import train_lora
+
+        c = self.cfg
+        if c.dpo_max_pairs <= 0:
+            raise CopeError(f"{self.ws.path}: dpo_crossfit needs dpo_max_pairs > 0 (how many of the newest pairs the "
+                            "crossfit adapter leaves out for DPO); add --set dpo_max_pairs=16")
+        pairs = read_pairs(self.p("pairs"))
+        held = set(preference_indexes(len(pairs), c))
+        kept = [p for i, p in enumerate(pairs) if i not in held]
+        if not kept:
+            raise CopeError(f"{self.p('pairs')}: {len(pairs)} pairs, all of them DPO pairs (dpo_max_pairs "
+                            f"{c.dpo_max_pairs}); nothing is left to train the crossfit adapter on: lower dpo_max_pairs")
+        meta = {k: v for k, v in read_pairs_meta(self.p("pairs")).items() if k not in ("format", "count")}
+        self.p("crossfit").mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_pairs(self.p("crossfit_pairs"), kept, meta)
+        result = train_lora(self.p("crossfit_pairs"), self.p("crossfit_adapter"), base_gguf=self.base, spec=c.user,
+                            batch_size=c.sft_batch_size, cfg=c, work_dir=self.p("crossfit"),
+                            tam_peft=self.tam.peft_dir if self.tam else None, label="crossfit", progress=self.progress)
+        s = result.summary()
+        self.log(f"crossfit: {result.steps} steps on {len(kept)} pairs (the newest {len(held)} left for DPO), "
+                 f"loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}")
+        self._export(self.p("crossfit_adapter"), self.p("crossfit_gguf"), {"stage": "crossfit"})
+        return {"examples": len(kept), "held_out": len(held), "steps": result.steps, "loss_first": s["loss_first"],
+                "loss_last": s["loss_last"], "train_seconds": round(result.seconds, 1)}
+
     def _run_negatives(self) -> dict:
         from cope_local.train.negatives import run_negatives
 
-        out = run_negatives(self.p("pairs"), self.base, self.p("sft_gguf"), self.p("negatives"), self.cfg,
+        out = run_negatives(self.p("pairs"), self.base, self.preference_start("gguf"), self.p("negatives"), self.cfg,
                             tam_gguf=self.tam.gguf if self.tam else None)
         rows = [json.loads(x) for x in Path(out).read_text(encoding="utf-8").splitlines() if x.strip()]
         return {"rows": len(rows)}
@@ -303,8 +364,8 @@ class Pipeline:
     def _run_dpo(self) -> dict:
         from cope_local.train.dpo import METRICS, run_dpo
 
-        out = run_dpo(self.p("pairs"), self.p("negatives"), self.base, self.p("sft_adapter"), self.p("dpo_adapter"),
-                      self.cfg, tam_peft_dir=self.tam.peft_dir if self.tam else None)
+        out = run_dpo(self.p("pairs"), self.p("negatives"), self.base, self.preference_start("adapter"),
+                      self.p("dpo_adapter"), self.cfg, tam_peft_dir=self.tam.peft_dir if self.tam else None)
         try:
             metrics = json.loads((Path(out) / METRICS).read_text())
         except (OSError, ValueError):
@@ -330,7 +391,7 @@ class Pipeline:
         if self.uses_dpo:
             dpo = self.read_marker("dpo").get("info", {})
             out |= {"dpo_steps": dpo.get("steps"), "dpo_beta": c.dpo_beta, "dpo_lr": c.dpo_lr,
-                    "dpo_reference": c.dpo_reference,
+                    "dpo_reference": c.dpo_reference, "dpo_crossfit": c.dpo_crossfit,
                     "dpo_margin_before": (dpo.get("before") or {}).get("margin_mean"),
                     "dpo_margin_after": (dpo.get("after") or {}).get("margin_mean")}
         return out
