@@ -10,7 +10,8 @@ dpo_crossfit, under the crossfit adapter (which never saw these pairs). Accuracy
 pairs with reward(chosen) > reward(rejected); margin: the mean of that difference. An adapter that
 is right on nearly every pair before DPO leaves the paper's DPO (reference = the base) little to
 learn: the pilot saw 100 %. As a check, the adapter that mined the negatives must reproduce the
-rewards stored in negatives.jsonl. The last line is one JSON object.
+rewards stored in negatives.jsonl. Runs with --no-tam only (the amateur is the base). The last line
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ def pair_rewards(base: Path, adapter: Path, rows: list[dict]) -> list[tuple[floa
     from cope_local.decode import Decoder
     from cope_local.train.negatives import PromptScorer, reward
 
-    longest = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
     out = []
-    with Decoder(base, adapter, n_ctx=-(-(longest + 8) // 256) * 256) as dec:
+    with Decoder(base, adapter) as dec:  # as the negatives stage opens it
         for r in rows:
             scorer = PromptScorer(dec, r["prompt_ids"])
             out.append((reward(scorer.score(r["chosen_ids"])), reward(scorer.score(r["rejected_ids"]))))
@@ -43,11 +43,18 @@ def summary(rewards: list[tuple[float, float]]) -> dict:
 
 
 def main() -> int:
+    from cope_local.train.negatives import read_jsonl
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="a `cope eval run` output folder")
     ap.add_argument("--users", type=int, default=0, help="the first N user folders (default: all)")
     args = ap.parse_args()
 
+    run = json.loads((Path(args.out) / "eval.json").read_text())
+    if not run.get("no_tam"):
+        print(f"{args.out}: a run with TAMs (its amateur is base + TAM); this script scores against the base, so it "
+              "takes a --no-tam run only", file=sys.stderr)
+        return 2
     found = sorted(p for p in (Path(args.out) / "users").glob("*/stages") if (p / "negatives.jsonl").exists())
     if args.users:
         found = found[:args.users]
@@ -58,7 +65,7 @@ def main() -> int:
     pooled: dict[str, list] = {"sft": [], "crossfit": []}
     stored_gap = 0.0
     for stages in found:
-        rows = [json.loads(x) for x in (stages / "negatives.jsonl").read_text(encoding="utf-8").splitlines() if x]
+        rows = read_jsonl(stages / "negatives.jsonl", what="negatives file")
         base = Path(json.loads((stages / "pairs.meta.json").read_text())["base"])
         miner = "crossfit" if (stages / "crossfit" / "crossfit.gguf").exists() else "sft"
         line = [stages.parent.name]

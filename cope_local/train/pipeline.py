@@ -137,19 +137,17 @@ class Pipeline:
         elif stage == "pairs":
             d |= {"inputs": self._file_key(self.p("inputs"), "inputs"), "base": base_fingerprint(self.base),
                   "limits": [c.max_prompt_tokens, c.max_target_tokens]}
-        elif stage == "sft":
+        elif stage in ("sft", "crossfit"):  # crossfit: the user adapter again, on all but the DPO pairs
             spec = c.tam if self.ws.kind == "tam" else c.user
             batch = c.tam_batch_size if self.ws.kind == "tam" else c.sft_batch_size
             d |= {"pairs": self._file_key(self.p("pairs"), "pairs"), "spec": spec.__dict__, "batch": batch,
                   "seed": c.seed, "max_steps": c.max_steps, "tam": self.tam.key if self.tam else None,
                   "precision": c.precision}
-            val = val_settings(c, "tam" if self.ws.kind == "tam" else "sft")
+            val = val_settings(c, "tam" if self.ws.kind == "tam" else stage)  # none for crossfit
             if val:  # only when on: the keys of runs without it stay valid
                 d["val"] = val
-        elif stage == "crossfit":
-            d |= {"pairs": self._file_key(self.p("pairs"), "pairs"), "spec": c.user.__dict__, "batch": c.sft_batch_size,
-                  "seed": c.seed, "max_steps": c.max_steps, "tam": self.tam.key if self.tam else None,
-                  "precision": c.precision, "max_pairs": c.dpo_max_pairs}
+            if stage == "crossfit":
+                d["max_pairs"] = c.dpo_max_pairs
         elif stage == "negatives":
             d |= {"pairs": self._file_key(self.p("pairs"), "pairs"),
                   "sft": self._file_key(self.preference_start("gguf"), self.preference_source),
