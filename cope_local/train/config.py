@@ -58,7 +58,7 @@ class TrainConfig:
     #                             crossfit) trains on every pair but the newest dpo_max_pairs, mines their negatives
     #                             and is the adapter DPO trains (and its "sft" reference). Against the pilot's
     #                             saturation: an adapter SFT'd on the chosen texts prefers them before DPO starts.
-    #                             Off: on 24 LaMP-7 users its CoPe trails the contrast without DPO (-0.010 ROUGE-L)
+    #                             Off: on 39 LaMP-7 users its CoPe trails the contrast without DPO (-0.015 ROUGE-L)
     # learning from edits (--from-edits, edits.py): DPO on the user's real corrections, reference = the trained adapter
     edits_lr: float = 5e-5  # 10x the paper's DPO lr: a few pairs and steps, and at 5e-6 the margin barely moves
     edits_epochs: float = 4  # passes over the edit pairs (few pairs: one pass is one or two steps)
