@@ -43,6 +43,7 @@ def summary(rewards: list[tuple[float, float]]) -> dict:
 
 
 def main() -> int:
+    from cope_local.train.data import read_pairs_meta
     from cope_local.train.negatives import read_jsonl
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,7 +67,7 @@ def main() -> int:
     stored_gap = 0.0
     for stages in found:
         rows = read_jsonl(stages / "negatives.jsonl", what="negatives file")
-        base = Path(json.loads((stages / "pairs.meta.json").read_text())["base"])
+        base = Path(read_pairs_meta(stages / "pairs.jsonl")["base"])
         miner = "crossfit" if (stages / "crossfit" / "crossfit.gguf").exists() else "sft"
         line = [stages.parent.name]
         for name in ("sft", "crossfit"):
